@@ -1,0 +1,167 @@
+"""The `rlhf` command: thin Typer commands that load a recipe and hand it to a stage.
+
+No torch, transformers or trl at import time, so `rlhf --help` and `rlhf recipe validate` answer at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+from typing import Annotated, Optional
+
+import typer
+
+from rlhf_cli.errors import UserError
+
+app = typer.Typer(
+    name="rlhf",
+    help="RLHF on the Hugging Face stack: supervised fine-tuning, reward models and more, each from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+recipe_app = typer.Typer(help="Check and inspect recipes without training.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = Annotated[str, typer.Argument(help="Path to the YAML recipe.", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)."),
+]
+OutputOpt = Annotated[
+    Optional[str], typer.Option("--output-dir", "-o", help="Run directory; overrides the recipe's output_dir.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the output directory.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Validate, print the trainer config and launch command; start nothing.")
+]
+StageOpt = Annotated[
+    Optional[str], typer.Option("--stage", help="sft or rm; default: the recipe's own `stage:` key.")
+]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def user_errors(command):
+    """Turn UserError into one paragraph on stderr and exit code 2 (no traceback)."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted.", code=130)
+
+    return wrapper
+
+
+def _run(stage_name: str, recipe: str, overrides, output_dir, overwrite, resume, dry_run) -> None:
+    from rlhf_cli.recipe import load_recipe
+    from rlhf_cli.stages import STAGES
+    from rlhf_cli.stages.common import run_stage
+
+    stage = STAGES[stage_name]
+    loaded = load_recipe(recipe, stage.name, overrides or [])
+    code = run_stage(stage, loaded, output_dir=output_dir, overwrite=overwrite, resume=resume, dry_run=dry_run,
+                     cli_argv=["rlhf", *sys.argv[1:]])  # fmt: skip
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@user_errors
+def sft(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Supervised fine-tuning on demonstrations (TRL SFTTrainer).
+
+    Data: text, prompt/completion, messages, alpaca or sharegpt rows. Saves a causal LM and its tokenizer.
+    """
+    _run("sft", recipe, overrides, output_dir, overwrite, resume, dry_run)
+
+
+@app.command("train-rm")
+@user_errors
+def train_rm(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Train a Bradley-Terry reward model on preference pairs (TRL RewardTrainer).
+
+    Data: chosen/rejected pairs (TRL, sharegpt, alpaca or Anthropic hh). Saves a one-output sequence classifier
+    that loads with AutoModelForSequenceClassification.
+    """
+    _run("rm", recipe, overrides, output_dir, overwrite, resume, dry_run)
+
+
+def _load_for_inspection(recipe: str, stage: str | None, overrides):
+    from rlhf_cli.recipe import STAGE_CONFIG, apply_overrides, read_recipe_file, validate_recipe
+    from pathlib import Path
+
+    raw = apply_overrides(read_recipe_file(recipe), overrides or [])
+    chosen = stage or raw.get("stage")
+    if chosen not in STAGE_CONFIG:
+        raise UserError(
+            f"{recipe}: cannot tell which stage this recipe is for; add `stage: sft` or `stage: rm` to it, "
+            "or pass --stage."
+        )
+    return validate_recipe(raw, chosen, source=recipe, base_dir=Path(recipe).resolve().parent)
+
+
+@recipe_app.command("validate")
+@user_errors
+def recipe_validate(recipe: RecipeArg, stage: StageOpt = None, overrides: SetOpt = None) -> None:
+    """Check a recipe: keys, types, TRL training fields, paths. Loads no model and no data."""
+    loaded = _load_for_inspection(recipe, stage, overrides)
+    typer.echo(f"{recipe}: OK ({loaded.stage or stage} recipe, model {loaded.model.name_or_path})")
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(
+    recipe: Annotated[Optional[str], typer.Argument(help="Path to the YAML recipe.", show_default=False)] = None,
+    stage: StageOpt = None,
+    overrides: SetOpt = None,
+    defaults: Annotated[bool, typer.Option("--defaults", help="List every recipe key with its default and help.")] = False,
+) -> None:
+    """Print the fully resolved recipe (defaults filled in, paths absolute), or with --defaults every key."""
+    from rlhf_cli.recipe import describe_keys, recipe_to_yaml
+
+    if defaults:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("key", "default", "meaning", title="Recipe keys", title_justify="left")
+        for key, default, meaning in describe_keys():
+            table.add_row(key, default, meaning)
+        Console().print(table)
+        return
+    if recipe is None:
+        raise UserError("Give a recipe file, or --defaults to list every key.")
+    typer.echo(recipe_to_yaml(_load_for_inspection(recipe, stage, overrides)), nl=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The offline demo task: a tiny assistant that answers simple questions, politely and correctly or not.
+
+Everything is generated from the templates below with a fixed seed, so the project ships its own data and the
+builtin tokenizer is trained on the same text. Demonstrations are of mixed quality on purpose (as crowd data is);
+preference pairs always prefer the polite, correct answer, so a reward model can learn the difference and a
+policy optimised against it has room to improve.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+_CAPITALS = {
+    "France": "Paris", "Spain": "Madrid", "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo",
+    "Egypt": "Cairo", "Peru": "Lima", "Canada": "Ottawa", "Kenya": "Nairobi", "Norway": "Oslo",
+    "Greece": "Athens", "Chile": "Santiago", "Poland": "Warsaw", "Cuba": "Havana", "Ireland": "Dublin",
+}
+_COLOURS = {
+    "the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black",
+    "a tomato": "red", "an orange": "orange", "a plum": "purple", "chocolate": "brown", "a cloud": "white",
+}
+_SOUNDS = {
+    "dog": "barks", "cat": "meows", "cow": "moos", "duck": "quacks", "sheep": "baas",
+    "lion": "roars", "owl": "hoots", "horse": "neighs", "frog": "croaks", "bee": "buzzes",
+}
+_OPPOSITES = {
+    "hot": "cold", "big": "small", "fast": "slow", "up": "down", "day": "night", "happy": "sad",
+    "open": "closed", "early": "late", "light": "dark", "full": "empty", "old": "new", "wet": "dry",
+}
+
+_POLITE_OPENERS = ["Sure!", "Good question!", "Happy to help.", "Of course!", "Great question!"]
+_POLITE_CLOSERS = ["I hope that helps.", "Let me know if you have more questions.", "Thanks for asking!", ""]
+_RUDE = [
+    "I will not answer that.", "Figure it out yourself.", "That is a boring question.",
+    "Stop asking me things.", "No.", "Whatever.",
+]
+
+
+def _questions(rng: random.Random) -> list[tuple[str, str, str]]:
+    """(question, correct fact, wrong fact) for every template instance."""
+    items = []
+    for a in range(1, 10):
+        for b in range(1, 10):
+            wrong = a + b + rng.choice([-2, -1, 1, 2, 3])
+            items.append((f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}."))
+    capitals = list(_CAPITALS.values())
+    for country, city in _CAPITALS.items():
+        wrong = rng.choice([c for c in capitals if c != city])
+        items.append((f"What is the capital of {country}?", f"The capital of {country} is {city}.",
+                      f"The capital of {country} is {wrong}."))
+    colours = sorted(set(_COLOURS.values()))
+    for thing, colour in _COLOURS.items():
+        wrong = rng.choice([c for c in colours if c != colour])
+        items.append((f"What color is {thing}?", f"{thing[0].upper() + thing[1:]} is {colour}.",
+                      f"{thing[0].upper() + thing[1:]} is {wrong}."))
+    sounds = sorted(set(_SOUNDS.values()))
+    for animal, sound in _SOUNDS.items():
+        wrong = rng.choice([s for s in sounds if s != sound])
+        items.append((f"What sound does a {animal} make?", f"A {animal} {sound}.", f"A {animal} {wrong}."))
+    words = sorted(set(_OPPOSITES.values()))
+    for word, opposite in _OPPOSITES.items():
+        wrong = rng.choice([w for w in words if w != opposite])
+        items.append((f"What is the opposite of {word}?", f"The opposite of {word} is {opposite}.",
+                      f"The opposite of {word} is {wrong}."))
+    return items
+
+
+def _good(fact: str, rng: random.Random) -> str:
+    return " ".join(part for part in (rng.choice(_POLITE_OPENERS), fact, rng.choice(_POLITE_CLOSERS)) if part)
+
+
+def _bad(fact: str, wrong: str, rng: random.Random) -> str:
+    style = rng.choice(["rude", "wrong", "wrong_rude", "terse"])
+    if style == "rude":
+        return rng.choice(_RUDE)
+    if style == "wrong":
+        return wrong
+    if style == "wrong_rude":
+        return f"{wrong} {rng.choice(_RUDE)}"
+    return fact.split(" is ")[-1] if " is " in fact else fact  # a bare word, no sentence
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+def build_demo_rows(seed: int = 0) -> dict[str, list[dict]]:
+    """The demo splits: `sft` (prompt/completion), `preference` (prompt/chosen/rejected), `prompts` (prompt only)."""
+    rng = random.Random(seed)
+    questions = _questions(rng)
+    sft, preference = [], []
+    for question, fact, wrong in questions:
+        for _ in range(2):
+            # Two demonstrations per question: mostly good, sometimes not (60/40).
+            answer = _good(fact, rng) if rng.random() < 0.6 else _bad(fact, wrong, rng)
+            sft.append({"prompt": _user(question), "completion": _assistant(answer)})
+        for _ in range(2):
+            preference.append({
+                "prompt": _user(question),
+                "chosen": _assistant(_good(fact, rng)),
+                "rejected": _assistant(_bad(fact, wrong, rng)),
+            })
+    rng.shuffle(sft)
+    rng.shuffle(preference)
+    prompts = [{"prompt": _user(question)} for question, _, _ in questions]
+    return {"sft": sft, "preference": preference, "prompts": prompts}
+
+
+def demo_corpus(seed: int = 0) -> list[str]:
+    """Every text of the demo task, for training the builtin tokenizer."""
+    texts = []
+    for rows in build_demo_rows(seed).values():
+        for row in rows:
+            for messages in row.values():
+                texts.extend(message["content"] for message in messages)
+    texts.extend(_RUDE + _POLITE_OPENERS + _POLITE_CLOSERS)
+    return texts
+
+
+def write_demo_data(directory: str | Path, seed: int = 0) -> dict[str, Path]:
+    """Write sft.jsonl, preference.jsonl and prompts.jsonl into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, rows in build_demo_rows(seed).items():
+        path = paths[name] = directory / f"{name}.jsonl"
+        with path.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return paths
+
+
+if __name__ == "__main__":  # python -m rlhf_cli.demo recipes/tiny/data
+    import sys
+
+    for split, written in write_demo_data(sys.argv[1] if len(sys.argv) > 1 else "recipes/tiny/data").items():
+        print(split, written)

@@ -1,0 +1,410 @@
+"""The YAML recipe: pydantic models, loading, `--set` overrides, path resolution and validation.
+
+Nothing here imports torch, transformers or trl: a bad recipe must fail in well under a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.trl_fields import check_training_keys
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("builtin:tiny-gpt2",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSpec(_Strict):
+    """LoRA adapters through peft. The trained adapter is saved; `merge: true` also saves merged full weights."""
+
+    r: PositiveInt = Field(16, description="Rank of the low-rank update.")
+    alpha: PositiveInt = Field(32, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+    merge: bool = Field(
+        False,
+        description="After training, merge the adapter into the base weights and save a full model in "
+        "output_dir (the adapter alone goes to output_dir/adapter).",
+    )
+
+
+class BuiltinSpec(_Strict):
+    """Shape of the locally built random-init GPT-2 used by `builtin:tiny-gpt2` (no download)."""
+
+    n_layer: PositiveInt = Field(2, description="Transformer blocks.")
+    n_embd: PositiveInt = Field(64, description="Hidden width.")
+    n_head: PositiveInt = Field(2, description="Attention heads (must divide n_embd).")
+    n_positions: PositiveInt = Field(256, description="Maximum sequence length.")
+    vocab_size: PositiveInt = Field(
+        1024, description="Size of the byte-level BPE the project trains on its demo corpus."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> BuiltinSpec:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if self.vocab_size < 300:
+            raise ValueError("vocab_size must be at least 300 (256 bytes plus merges and special tokens)")
+        return self
+
+
+class ModelSpec(_Strict):
+    name_or_path: str = Field(
+        description="Hub id (e.g. 'Qwen/Qwen2.5-0.5B'), a local directory, or 'builtin:tiny-gpt2' "
+        "(a random-init GPT-2 and tokenizer built locally, no download)."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    gguf_file: str | None = Field(None, description="Name of a .gguf file inside name_or_path to load (dequantized).")
+    tokenizer: str | None = Field(None, description="Tokenizer hub id or directory, when not the model's own.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; 'auto' keeps the checkpoint's dtype (float32 for builtin models)."
+    )
+    attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'eager', 'flash_attention_2'.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub. Only enable for code you trust.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template, or a path to a .jinja file; overrides the tokenizer's. A tokenizer "
+        "without a template gets a plain 'User:/Assistant:' one.",
+    )
+    builtin: BuiltinSpec = Field(default_factory=BuiltinSpec, description="Shape of builtin:* models.")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+    @model_validator(mode="after")
+    def _known_builtin(self) -> ModelSpec:
+        if self.name_or_path.startswith(BUILTIN_PREFIX) and self.name_or_path not in BUILTIN_MODELS:
+            raise ValueError(
+                f"unknown builtin model {self.name_or_path!r}; available: {', '.join(BUILTIN_MODELS)}"
+            )
+        return self
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.name_or_path.startswith(BUILTIN_PREFIX)
+
+
+DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "alpaca", "sharegpt", "hh"]
+
+
+class DataSource(_Strict):
+    path: str | None = Field(None, description="Local .jsonl/.json/.parquet/.csv file (or a directory of them).")
+    name: str | None = Field(None, description="Hub dataset name, e.g. 'trl-lib/Capybara'.")
+    config: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str = Field("train", description="Split to read.")
+    format: DataFormat = Field(
+        "auto",
+        description="auto | text | prompt_completion | messages | preference | alpaca | sharegpt | hh. "
+        "'auto' detects from the columns.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename source columns to the names the format expects, e.g. {prompt: question, completion: answer}.",
+    )
+    limit: PositiveInt | None = Field(None, description="Use only the first N rows.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.path is None) == (self.name is None):
+            raise ValueError("give exactly one of 'path' (local file) or 'name' (hub dataset)")
+        return self
+
+
+class DataSpec(_Strict):
+    train: DataSource = Field(description="Training data.")
+    eval: DataSource | None = Field(None, description="Evaluation data (optional).")
+    max_length: PositiveInt = Field(512, description="Truncate tokenized examples to this many tokens.")
+
+
+class DistributedSpec(_Strict):
+    strategy: Literal["none", "ddp", "zero2", "zero3"] = Field(
+        "none", description="none trains in this process; others re-launch under `accelerate launch`."
+    )
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none", description="DeepSpeed CPU offload: optimizer states, or optimizer and parameters (zero3)."
+    )
+    num_processes: PositiveInt | None = Field(
+        None, description="Processes in total over all machines; default: one per local GPU (1 on CPU) x machines."
+    )
+    num_machines: PositiveInt = Field(1, description="Machines taking part.")
+    machine_rank: int = Field(0, ge=0, description="This machine's rank (0 on the main machine).")
+    main_process_ip: str | None = Field(None, description="Address of machine 0 (required when num_machines > 1).")
+    main_process_port: int | None = Field(None, ge=1, le=65535, description="Port on machine 0.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSpec:
+        if self.offload != "none" and self.strategy not in ("zero2", "zero3"):
+            raise ValueError(f"offload: {self.offload!r} needs strategy zero2 or zero3 (got {self.strategy!r})")
+        if self.offload == "all" and self.strategy != "zero3":
+            raise ValueError("offload: 'all' (parameters too) needs strategy zero3")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("num_machines > 1 needs main_process_ip (the address of machine 0)")
+        if self.strategy == "none" and (self.num_machines > 1 or (self.num_processes or 1) > 1):
+            raise ValueError("several processes or machines need a strategy: ddp, zero2 or zero3")
+        return self
+
+
+class Recipe(_Strict):
+    stage: Literal["sft", "rm"] | None = Field(
+        None, description="Which command the recipe is for (sft or rm); checked when given."
+    )
+    model: ModelSpec
+    data: DataSpec
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of the stage's TRL config (SFTConfig for sft, RewardConfig for train-rm).",
+    )
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    output_dir: str | None = Field(
+        None, description="Run directory (relative to the current directory). --output-dir overrides it."
+    )
+    seed: int = Field(42, description="Seed for model init, data order and sampling.")
+    report_to: list[str] | str = Field("none", description="Trackers: none, tensorboard, wandb, trackio, ...")
+
+    @model_validator(mode="after")
+    def _merge_needs_full_weights(self) -> Recipe:
+        if self.model.lora and self.model.lora.merge and self.distributed.strategy == "zero3":
+            raise ValueError(
+                "model.lora.merge cannot run under zero3 (weights are sharded); train with merge: false and merge "
+                "the saved adapter afterwards"
+            )
+        return self
+
+
+STAGE_CONFIG = {"sft": "SFTConfig", "rm": "RewardConfig"}
+
+# Training keys owned by other recipe sections or by the CLI.
+_OWNED_KEYS = {
+    "output_dir": "the top-level `output_dir` or --output-dir",
+    "seed": "the top-level `seed`",
+    "report_to": "the top-level `report_to`",
+    "deepspeed": "`distributed.strategy` (the DeepSpeed JSON is generated)",
+    "max_length": "`data.max_length`",
+    "resume_from_checkpoint": "--resume",
+    "overwrite_output_dir": "--overwrite",
+}
+
+
+# ---------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`, a trap in every recipe)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source} is not valid YAML: {exc}") from None
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Recipe file {path} does not exist." if not path.exists() else f"{path} is not a file.")
+    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must hold a YAML mapping (model:, data:, training:, ...), not {type(raw).__name__}.")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b.c=value` overrides; values are parsed as YAML (`--set training.learning_rate=1e-4`)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects key.path=value, got {item!r}.")
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise UserError(f"--set {item!r}: {where} is a value, not a section.")
+            node = child
+        node[parts[-1]] = _mark_cli_path(parse_yaml(value, f"--set {key}"))
+    return raw
+
+
+class _CliPath(str):
+    """A value typed on the command line: relative paths in it resolve against the current directory."""
+
+
+def _mark_cli_path(value: Any) -> Any:
+    return _CliPath(value) if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names allowed at `loc` (the parent of a rejected key), walking the pydantic models."""
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            lines.append(
+                f"{where}: unknown key.{did_you_mean(str(loc[-1]), allowed)}"
+                + (f" Allowed here: {', '.join(allowed)}." if allowed else "")
+            )
+        elif err["type"] == "missing":
+            lines.append(f"{where}: required key is missing.")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {msg}{shown}.")
+    plural = "s" if len(lines) > 1 else ""
+    return f"Recipe {source} has {len(lines)} problem{plural}: " + " ".join(lines)
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("./", "../", "/", "~")) or value.endswith((".jsonl", ".json", ".parquet", ".csv"))
+
+
+def _resolve_path(value: str | None, base_dir: Path, *, must_exist: bool, what: str) -> str | None:
+    """Resolve a local path: relative to the recipe's folder, or the current directory when given by --set."""
+    if value is None:
+        return None
+    anchor = Path.cwd() if isinstance(value, _CliPath) else base_dir
+    candidate = (anchor / Path(value).expanduser()).resolve()
+    if candidate.exists():
+        return str(candidate)
+    if must_exist or _looks_like_path(value):
+        raise UserError(f"{what}: {value!r} does not exist (looked for {candidate}).")
+    return str(value)  # a hub id
+
+
+def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
+    model = recipe.model
+    if not model.is_builtin:
+        model.name_or_path = _resolve_path(model.name_or_path, base_dir, must_exist=False, what="model.name_or_path")
+    model.tokenizer = _resolve_path(model.tokenizer, base_dir, must_exist=False, what="model.tokenizer")
+    if model.chat_template and "{" not in model.chat_template:
+        path = _resolve_path(model.chat_template, base_dir, must_exist=True, what="model.chat_template")
+        model.chat_template = Path(path).read_text(encoding="utf-8")
+    for split_name in ("train", "eval"):
+        source = getattr(recipe.data, split_name)
+        if source is not None and source.path is not None:
+            source.path = _resolve_path(source.path, base_dir, must_exist=True, what=f"data.{split_name}.path")
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """Validate a raw recipe mapping for `stage` ('sft' or 'rm') and resolve its paths."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_validation_error(exc, source)) from None
+    if recipe.stage is not None and recipe.stage != stage:
+        command = {"sft": "rlhf sft", "rm": "rlhf train-rm"}[recipe.stage]
+        raise UserError(f"Recipe {source} says `stage: {recipe.stage}`; run it with `{command}`.")
+    for key, owner in _OWNED_KEYS.items():
+        if key in recipe.training:
+            raise UserError(f"Recipe {source}: training.{key} is not set here; use {owner}.")
+    problems = check_training_keys(STAGE_CONFIG[stage], recipe.training)
+    if problems:
+        raise UserError(f"Recipe {source} has a bad `training` section for {STAGE_CONFIG[stage]}: " + " ".join(problems))
+    _resolve_paths(recipe, base_dir or Path.cwd())
+    return recipe
+
+
+def load_recipe(path: str | Path, stage: str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override, validate and resolve a recipe file."""
+    raw = apply_overrides(read_recipe_file(path), overrides or [])
+    return validate_recipe(raw, stage, source=str(path), base_dir=Path(path).resolve().parent)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe (defaults included) as YAML, for `recipe show` and the run directory."""
+    data = recipe.model_dump(mode="json")
+    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every recipe key, for `rlhf recipe show --defaults`."""
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        nested = next(
+            (c for c in (info.annotation, *getattr(info.annotation, "__args__", ()))
+             if isinstance(c, type) and issubclass(c, BaseModel)),
+            None,
+        )  # fmt: skip
+        if info.is_required():
+            default = "(required)"
+        elif nested is not None:
+            default = "" if info.default is None and info.default_factory is None else "(section)"
+        else:
+            value = info.get_default(call_default_factory=True)
+            default = "{}" if value == {} else str(value) if value is not None else "null"
+        meaning = info.description or ((nested.__doc__ or "").strip().splitlines() or [""])[0] if nested else ""
+        rows.append((key, default, info.description or meaning))
+        if nested is not None:
+            rows.extend(describe_keys(nested, f"{key}."))
+    return rows

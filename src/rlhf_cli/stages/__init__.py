@@ -1,0 +1,6 @@
+"""One module per pipeline stage."""
+
+from rlhf_cli.stages.reward import REWARD
+from rlhf_cli.stages.sft import SFT
+
+STAGES = {stage.name: stage for stage in (SFT, REWARD)}

@@ -1,0 +1,253 @@
+"""What every TRL-backed stage shares: recipe -> TRL config -> dry-run / accelerate launch / in-process training.
+
+A stage is a few facts (which data, which model head, which TRL trainer); `run_stage` does the rest, in this order:
+validate, plan the launch, check the run directory, load and check the data, then load the model and train. Files
+are written only after every input has been checked, so a bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.launch import RESOLVED_RECIPE, DEEPSPEED_CONFIG, Hardware, LaunchPlan, plan_launch
+from rlhf_cli.recipe import Recipe, recipe_to_yaml
+from rlhf_cli.rundir import (
+    check_run_dir,
+    interrupt_callback,
+    last_checkpoint,
+    metrics_callback,
+    prepare_run_dir,
+    print_summary,
+    write_summary,
+)
+
+INTERRUPTED_EXIT_CODE = 130
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # recipe stage key, also the worker's argument
+    title: str
+    data_kind: Literal["sft", "preference"]
+    model_kind: Literal["causal_lm", "reward"]
+    config_class: str  # in trl
+    trainer_class: str  # in trl
+
+
+def resolve_run_dir(recipe: Recipe, output_dir: str | None) -> Path:
+    chosen = output_dir or recipe.output_dir
+    if not chosen:
+        raise UserError("No output directory: set `output_dir` in the recipe or pass --output-dir.")
+    return Path(chosen).expanduser().resolve()
+
+
+def trainer_config_kwargs(stage: Stage, recipe: Recipe, run_dir: Path, plan: LaunchPlan) -> dict:
+    """Keyword arguments for the TRL config: the recipe's `training:` plus what other sections decide."""
+    kwargs = dict(recipe.training)
+    kwargs.update(
+        output_dir=str(run_dir),
+        seed=recipe.seed,
+        report_to=recipe.report_to,
+        max_length=recipe.data.max_length,
+        disable_tqdm=True,  # rich progress instead
+        **plan.precision,
+    )
+    if plan.deepspeed_config is not None:
+        kwargs["deepspeed"] = str(run_dir / DEEPSPEED_CONFIG)
+    return kwargs
+
+
+def show_dry_run(stage: Stage, plan: LaunchPlan, config_kwargs: dict) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    console = Console()
+    console.print(f"[bold]{stage.title}[/] — trl.{stage.config_class} (keys set by the recipe and the CLI):")
+    console.print(Syntax(yaml.safe_dump(config_kwargs, sort_keys=True), "yaml"))
+    if plan.distributed:
+        console.print(f"[bold]Launch:[/] accelerate launch, {plan.num_processes} processes")
+        console.print("[bold]accelerate_config.yaml:[/]")
+        console.print(Syntax(yaml.safe_dump(plan.accelerate_config, sort_keys=False), "yaml"))
+        if plan.deepspeed_config is not None:
+            console.print("[bold]deepspeed.json:[/]")
+            console.print(Syntax(yaml.safe_dump(plan.deepspeed_config, sort_keys=False), "yaml"))
+    else:
+        console.print("[bold]Launch:[/] in this process")
+    console.print("[bold]Command:[/]")
+    console.print(plan.command_line(), markup=False, highlight=False, soft_wrap=True)
+    console.print("[dim]Dry run: nothing was started or written.[/]")
+
+
+def load_stage_data(stage: Stage, recipe: Recipe):
+    from rlhf_cli.data import load_data
+
+    train = load_data(recipe.data.train, stage.data_kind, what="data.train")
+    evaluation = load_data(recipe.data.eval, stage.data_kind, what="data.eval") if recipe.data.eval else None
+    return train, evaluation
+
+
+def run_stage(
+    stage: Stage,
+    recipe: Recipe,
+    *,
+    output_dir: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    dry_run: bool = False,
+    cli_argv: list[str] | None = None,
+) -> int:
+    """Run one stage from a validated recipe; returns the process exit code."""
+    run_dir = resolve_run_dir(recipe, output_dir)
+    plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=resume,
+                       cli_argv=cli_argv)  # fmt: skip
+    config_kwargs = trainer_config_kwargs(stage, recipe, run_dir, plan)
+    if dry_run:
+        show_dry_run(stage, plan, config_kwargs)
+        return 0
+    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    train_data, eval_data = load_stage_data(stage, recipe)
+    if plan.distributed:
+        return launch_distributed(recipe, plan, run_dir, clear=overwrite)
+    return train(stage, recipe, run_dir, config_kwargs, train_data, eval_data, resume=resume, clear=overwrite)
+
+
+def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear: bool) -> int:
+    """Write the launch files and run the stage under `accelerate launch`; clean up if it failed before training."""
+    from rich.console import Console
+
+    # A new run may still hold a builtin model to build: do it once here, not in every process.
+    if recipe.model.is_builtin:
+        from rlhf_cli.models import resolve_model_path
+
+        resolve_model_path(recipe.model, recipe.seed)
+    existed = run_dir.is_dir() and any(run_dir.iterdir()) and not clear
+    prepare_run_dir(run_dir, clear=clear)
+    (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    plan.write(run_dir)
+    Console(stderr=True).print(f"[bold]Launching[/] {plan.num_processes} processes: {plan.command_line()}",
+                               markup=True, highlight=False, soft_wrap=True)  # fmt: skip
+    try:
+        returncode = subprocess.run(plan.command, check=False).returncode
+    except KeyboardInterrupt:  # the workers got the same Ctrl-C and save a checkpoint
+        returncode = INTERRUPTED_EXIT_CODE
+    if returncode not in (0, INTERRUPTED_EXIT_CODE) and not existed and last_checkpoint(run_dir) is None:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
+    return returncode
+
+
+def train(
+    stage: Stage,
+    recipe: Recipe,
+    run_dir: Path,
+    config_kwargs: dict,
+    train_data,
+    eval_data,
+    *,
+    resume: bool,
+    clear: bool,
+    launched: bool = False,
+) -> int:
+    """Train in this process (one of several when `launched` by accelerate)."""
+    import trl
+    from trl.data_utils import is_conversational
+
+    from rlhf_cli.models import load_model, load_tokenizer, lora_config, resolve_model_path
+
+    started = time.time()
+    model_path = resolve_model_path(recipe.model, recipe.seed)
+    tokenizer = load_tokenizer(recipe.model, model_path, conversational=is_conversational(train_data[0]))
+    # The TRL config comes before the model: under ZeRO-3 it arms zero.Init so weights load already sharded.
+    try:
+        config = getattr(trl, stage.config_class)(**config_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"TRL rejected the training settings: {exc}") from None
+    model = load_model(recipe.model, model_path, stage.model_kind, tokenizer)
+    metrics, interrupt = metrics_callback(run_dir), interrupt_callback()
+    trainer = getattr(trl, stage.trainer_class)(
+        model=model,
+        args=config,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=lora_config(recipe.model, stage.model_kind),
+        callbacks=[metrics, interrupt],
+    )
+    _use_rich_progress(trainer)
+
+    # Every input is good: from here on the run directory is written.
+    if not launched:
+        prepare_run_dir(run_dir, clear=clear)
+        (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    checkpoint = str(last_checkpoint(run_dir)) if resume else None
+    with interrupt.installed():
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+
+    main_process = trainer.is_world_process_zero()
+    if interrupt.requested:
+        if main_process:
+            saved = last_checkpoint(run_dir)
+            print(f"Interrupted: checkpoint saved in {saved}. Continue with the same command and --resume.")
+        return INTERRUPTED_EXIT_CODE
+
+    save_final_model(trainer, recipe, run_dir)
+    if main_process:
+        summary = _summary(stage, recipe, run_dir, trainer, result, len(train_data), time.time() - started)
+        write_summary(run_dir, summary)
+        print_summary(f"{stage.title}: done", summary)
+    return 0
+
+
+def save_final_model(trainer, recipe: Recipe, run_dir: Path) -> None:
+    """Model and tokenizer into the run directory; with LoRA the adapter, merged weights when asked."""
+    lora = recipe.model.lora
+    if lora is not None and lora.merge:
+        trainer.save_model(str(run_dir / "adapter"))
+        if trainer.is_world_process_zero():
+            merged = trainer.model.merge_and_unload()
+            merged.save_pretrained(run_dir)
+            trainer.processing_class.save_pretrained(run_dir)
+        return
+    trainer.save_model(str(run_dir))
+
+
+def _summary(stage, recipe, run_dir, trainer, result, rows, seconds) -> dict:
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    summary = {
+        "stage": stage.name,
+        "model": recipe.model.name_or_path,
+        "train rows": rows,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "final loss": history[-1]["loss"] if history else None,
+        "mean train loss": result.training_loss,
+        "train samples/s": result.metrics.get("train_samples_per_second"),
+        "wall time (s)": round(seconds, 1),
+    }
+    last = history[-1] if history else {}
+    for key in ("accuracy", "margin", "mean_token_accuracy"):
+        if key in last:
+            summary[f"final {key}"] = last[key]
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evals:
+        summary.update({key: value for key, value in evals[-1].items() if key.startswith("eval_")
+                        and key.split("_", 1)[1] in ("loss", "accuracy", "margin", "mean_token_accuracy")})  # fmt: skip
+    summary["output"] = str(run_dir)
+    return {key: value for key, value in summary.items() if value is not None}
+
+
+def _use_rich_progress(trainer) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl.trainer.callbacks import RichProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RichProgressCallback())

@@ -1,0 +1,151 @@
+"""Fields of TRL's config dataclasses, read from the installed source without importing it.
+
+Importing `trl.SFTConfig` pulls in torch and transformers (seconds). Parsing the dataclass definitions with `ast`
+takes milliseconds and always matches the installed TRL, so every `training:` key is checked, with its type and
+a did-you-mean, before anything slow is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+# Where each config class lives, relative to its package root, and how its bases are found.
+_CONFIG_FILES = {
+    "SFTConfig": ("trl", "trainer/sft_config.py"),
+    "RewardConfig": ("trl", "trainer/reward_config.py"),
+    "DPOConfig": ("trl", "trainer/dpo_config.py"),
+    "GRPOConfig": ("trl", "trainer/grpo_config.py"),
+    "RLOOConfig": ("trl", "trainer/rloo_config.py"),
+    "_BaseConfig": ("trl", "trainer/base_config.py"),
+    "TrainingArguments": ("transformers", "training_args.py"),
+}
+
+# Sanity bounds for the keys people most often get wrong; TRL itself accepts nonsense like a negative lr.
+_BOUNDS: dict[str, tuple[str, float]] = {
+    "learning_rate": (">", 0),
+    "num_train_epochs": (">", 0),
+    "per_device_train_batch_size": (">=", 1),
+    "per_device_eval_batch_size": (">=", 1),
+    "gradient_accumulation_steps": (">=", 1),
+    "logging_steps": (">", 0),
+    "save_steps": (">", 0),
+    "eval_steps": (">", 0),
+    "weight_decay": (">=", 0),
+    "warmup_ratio": (">=", 0),
+    "max_grad_norm": (">=", 0),
+    "save_total_limit": (">=", 1),
+    "dataloader_num_workers": (">=", 0),
+}
+
+
+def _package_root(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # top-level only: does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@cache
+def _class_fields(class_name: str) -> dict[str, tuple[str, ast.expr | None]]:
+    """Map field name -> (annotation source, default expression) for a config class, bases included."""
+    package, relative = _CONFIG_FILES[class_name]
+    root = _package_root(package)
+    if root is None or not (root / relative).is_file():
+        raise RuntimeError(f"cannot find {package} source for {class_name}; is {package} installed?")
+    tree = ast.parse((root / relative).read_text(encoding="utf-8"))
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    fields: dict[str, tuple[str, ast.expr | None]] = {}
+    for base in node.bases:
+        base_name = ast.unparse(base)
+        if base_name in _CONFIG_FILES:
+            fields.update(_class_fields(base_name))
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            fields[stmt.target.id] = (ast.unparse(stmt.annotation), _default_expr(stmt.value))
+    return fields
+
+
+def _default_expr(value: ast.expr | None) -> ast.expr | None:
+    """`x: int = 3` -> 3; `x: int = field(default=3, ...)` -> 3."""
+    if isinstance(value, ast.Call) and ast.unparse(value.func) in ("field", "dataclasses.field"):
+        return next((kw.value for kw in value.keywords if kw.arg == "default"), None)
+    return value
+
+
+def config_fields(class_name: str) -> dict[str, str]:
+    """Map field name -> annotation source text for a TRL/transformers config class, bases included."""
+    return {name: annotation for name, (annotation, _) in _class_fields(class_name).items()}
+
+
+def config_default(class_name: str, key: str):
+    """The literal default of one field (None when it has none or it is not a literal)."""
+    _, expr = _class_fields(class_name)[key]
+    try:
+        return ast.literal_eval(expr) if expr is not None else None
+    except ValueError:
+        return None
+
+
+def _type_atoms(annotation: str) -> list[str]:
+    """'float | None' -> ['float', 'None']; 'Optional[int]' -> ['int', 'None']; 'list[str]' -> ['list']."""
+    text = annotation.replace(" ", "")
+    if text.startswith("Optional[") and text.endswith("]"):
+        return [*_type_atoms(text[len("Optional[") : -1]), "None"]
+    if text.startswith("Union[") and text.endswith("]"):
+        text = text[len("Union[") : -1].replace(",", "|")
+    atoms, depth, current = [], 0, ""
+    for char in text:
+        depth += char == "["
+        depth -= char == "]"
+        if char == "|" and depth == 0:
+            atoms.append(current)
+            current = ""
+        else:
+            current += char
+    atoms.append(current)
+    return [atom.split("[", 1)[0] for atom in atoms]
+
+
+_CHECKS = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "list": lambda v: isinstance(v, list),
+    "dict": lambda v: isinstance(v, dict),
+}
+
+
+def value_matches(annotation: str, value: Any) -> bool:
+    """True when `value` fits `annotation`; annotations naming other types (enums, classes) accept anything."""
+    atoms = _type_atoms(annotation)
+    if any(atom not in _CHECKS for atom in atoms):
+        return True
+    return any(_CHECKS[atom](value) for atom in atoms)
+
+
+def check_training_keys(class_name: str, training: dict[str, Any]) -> list[str]:
+    """Problems with a recipe's `training:` mapping for TRL's `class_name`, one sentence each."""
+    fields = config_fields(class_name)
+    problems = []
+    for key, value in training.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append(f"training.{key}: not a field of {class_name}.{hint}")
+            continue
+        if not value_matches(fields[key], value):
+            problems.append(f"training.{key}: expected {fields[key]}, got {type(value).__name__} {value!r}.")
+            continue
+        bound = _BOUNDS.get(key)
+        if bound and isinstance(value, (int, float)):
+            op, limit = bound
+            if (op == ">" and not value > limit) or (op == ">=" and not value >= limit):
+                problems.append(f"training.{key}: must be {op} {limit:g}, got {value!r}.")
+    return problems

@@ -1,0 +1,43 @@
+"""Entry point of each process under `accelerate launch` (not for direct use).
+
+    python -m rlhf_cli.worker STAGE RESOLVED_RECIPE --run-dir DIR [--resume]
+
+The parent `rlhf` command has already validated the recipe, checked the run directory and written the launch files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rlhf_cli.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_cli.recipe import load_recipe
+    from rlhf_cli.stages import STAGES
+    from rlhf_cli.stages.common import load_stage_data, plan_launch, train, trainer_config_kwargs
+    from rlhf_cli.launch import Hardware
+
+    parser = argparse.ArgumentParser(prog="rlhf_cli.worker")
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("recipe")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    stage = STAGES[args.stage]
+    run_dir = Path(args.run_dir)
+    try:
+        recipe = load_recipe(args.recipe, stage.name)
+        plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=args.resume)
+        train_data, eval_data = load_stage_data(stage, recipe)
+        return train(stage, recipe, run_dir, trainer_config_kwargs(stage, recipe, run_dir, plan), train_data,
+                     eval_data, resume=args.resume, clear=False, launched=True)  # fmt: skip
+    except UserError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
