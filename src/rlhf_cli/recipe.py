@@ -160,13 +160,15 @@ class Recipe(_Strict):
     stage: Literal["sft", "rm"] | None = Field(
         None, description="Which command the recipe is for (sft or rm); checked when given."
     )
-    model: ModelSpec
-    data: DataSpec
+    model: ModelSpec = Field(description="The model to train (or to start from) and its tokenizer.")
+    data: DataSpec = Field(description="Training and evaluation data.")
     training: dict[str, Any] = Field(
         default_factory=dict,
         description="Keys of the stage's TRL config (SFTConfig for sft, RewardConfig for train-rm).",
     )
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="How many processes and which DeepSpeed/DDP strategy."
+    )
     output_dir: str | None = Field(
         None, description="Run directory (relative to the current directory). --output-dir overrides it."
     )
@@ -251,16 +253,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 where = ".".join(parts[: depth + 1])
                 raise UserError(f"--set {item!r}: {where} is a value, not a section.")
             node = child
-        node[parts[-1]] = _mark_cli_path(parse_yaml(value, f"--set {key}"))
+        parsed = parse_yaml(value, f"--set {key}")
+        if key.strip() in _PATH_KEYS and isinstance(parsed, str) and (Path.cwd() / parsed).exists():
+            parsed = str((Path.cwd() / parsed).resolve())  # typed at the shell: relative to where it was typed
+        node[parts[-1]] = parsed
     return raw
 
 
-class _CliPath(str):
-    """A value typed on the command line: relative paths in it resolve against the current directory."""
-
-
-def _mark_cli_path(value: Any) -> Any:
-    return _CliPath(value) if isinstance(value, str) else value
+_PATH_KEYS = {"model.name_or_path", "model.tokenizer", "model.chat_template", "data.train.path", "data.eval.path"}
 
 
 # ---------------------------------------------------------------- errors
@@ -316,11 +316,10 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _resolve_path(value: str | None, base_dir: Path, *, must_exist: bool, what: str) -> str | None:
-    """Resolve a local path: relative to the recipe's folder, or the current directory when given by --set."""
+    """Resolve a local path relative to the recipe's folder; anything else that does not exist is a hub id."""
     if value is None:
         return None
-    anchor = Path.cwd() if isinstance(value, _CliPath) else base_dir
-    candidate = (anchor / Path(value).expanduser()).resolve()
+    candidate = (base_dir / Path(value).expanduser()).resolve()
     if candidate.exists():
         return str(candidate)
     if must_exist or _looks_like_path(value):
@@ -373,17 +372,8 @@ def load_recipe(path: str | Path, stage: str, overrides: list[str] | None = None
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe (defaults included) as YAML, for `recipe show` and the run directory."""
     data = recipe.model_dump(mode="json")
-    return yaml.safe_dump(_plain(data), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, str):
-        return str(value)
-    return value
 
 
 def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -65,7 +65,9 @@ def print_summary(title: str, summary: dict) -> None:
     table.add_column()
     for key, value in summary.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    console = Console()
+    console.print()  # the live progress panel leaves the cursor at its end
+    console.print(table)
 
 
 def metrics_callback(run_dir: Path):

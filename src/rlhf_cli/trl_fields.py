@@ -36,7 +36,7 @@ _BOUNDS: dict[str, tuple[str, float]] = {
     "save_steps": (">", 0),
     "eval_steps": (">", 0),
     "weight_decay": (">=", 0),
-    "warmup_ratio": (">=", 0),
+    "warmup_steps": (">=", 0),
     "max_grad_norm": (">=", 0),
     "save_total_limit": (">=", 1),
     "dataloader_num_workers": (">=", 0),

@@ -85,9 +85,19 @@ def show_dry_run(stage: Stage, plan: LaunchPlan, config_kwargs: dict) -> None:
     console.print("[dim]Dry run: nothing was started or written.[/]")
 
 
+def quiet_hf_progress_bars() -> None:
+    """datasets/transformers print a tqdm bar per map and per weight file; the run shows one rich bar instead."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_stage_data(stage: Stage, recipe: Recipe):
     from rlhf_cli.data import load_data
 
+    quiet_hf_progress_bars()
     train = load_data(recipe.data.train, stage.data_kind, what="data.train")
     evaluation = load_data(recipe.data.eval, stage.data_kind, what="data.eval") if recipe.data.eval else None
     return train, evaluation
