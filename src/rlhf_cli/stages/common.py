@@ -180,6 +180,11 @@ def train(
         config = getattr(trl, stage.config_class)(**config_kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"TRL rejected the training settings: {exc}") from None
+    _ = config.world_size  # sets up the process group now, so zero.Init below shards over all ranks
+    if config.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed()  # DeepSpeed's own view of that group, which zero.Init reads its world size from
     model = load_model(recipe.model, model_path, stage.model_kind, tokenizer)
     metrics, interrupt = metrics_callback(run_dir), interrupt_callback()
     trainer = getattr(trl, stage.trainer_class)(
