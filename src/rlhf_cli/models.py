@@ -171,9 +171,20 @@ def load_model(
         model = auto_class.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"Cannot load the model {model_path!r}: {_first_line(exc)}") from None
+    check_tokenizer_fits(model, tokenizer, model_path)
     if kind == "reward":
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the score at the last non-pad token
     return model
+
+
+def check_tokenizer_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str) -> None:
+    """A tokenizer producing ids the model cannot embed fails deep inside the first forward pass; say it here."""
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedded:
+        raise UserError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model {model_path!r} embeds only {embedded}: they do "
+            "not belong together. Use the model's own tokenizer (drop model.tokenizer) or a model trained with it."
+        )
 
 
 def lora_config(spec: ModelSpec, kind: Literal["causal_lm", "reward"]):

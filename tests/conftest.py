@@ -1,0 +1,29 @@
+"""Shared test setup. Tests never reach the Hugging Face hub: offline mode is set before any HF import."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+TINY = REPO / "recipes" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} is absent (it holds the real data and model; a standalone clone has none)")
+    return SHARED
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Builtin models are cached per test session, not in the user's home."""
+    if "RLHF_CLI_CACHE" not in os.environ:
+        os.environ["RLHF_CLI_CACHE"] = str(tmp_path_factory.mktemp("rlhf-cli-cache"))

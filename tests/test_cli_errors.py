@@ -1,0 +1,214 @@
+"""Every bad input ends in one clear paragraph on stderr, exit code 2, no traceback, and no files written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY
+from rlhf_cli.cli import app
+
+runner = CliRunner()
+
+
+def write_recipe(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def tiny_recipe(tmp_path: Path, name: str = "sft.yaml", **replace: str) -> Path:
+    """A copy of a tiny recipe next to a copy of its data, with textual replacements."""
+    shutil.copytree(TINY / "data", tmp_path / "data", dirs_exist_ok=True)
+    text = (TINY / name).read_text()
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def assert_clean_failure(args: list[str], *fragments: str, out: Path | None = None) -> str:
+    result = runner.invoke(app, args)
+    text = result.output
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text
+    assert "Error:" in text
+    flat = " ".join(text.split())
+    for fragment in fragments:
+        assert fragment in flat, f"{fragment!r} not in: {flat}"
+    if out is not None:
+        assert not out.exists(), f"{out} was left behind"
+    return flat
+
+
+def test_missing_recipe_file(tmp_path):
+    assert_clean_failure(["sft", str(tmp_path / "nope.yaml")], "does not exist")
+
+
+def test_invalid_yaml(tmp_path):
+    path = write_recipe(tmp_path, "model: [unclosed\n")
+    assert_clean_failure(["sft", str(path)], "is not valid YAML")
+
+
+def test_recipe_not_a_mapping(tmp_path):
+    path = write_recipe(tmp_path, "- a\n- b\n")
+    assert_clean_failure(["sft", str(path)], "must hold a YAML mapping")
+
+
+def test_unknown_top_level_key(tmp_path):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, **{"training:": "trainig:"})
+    assert_clean_failure(["sft", str(path), "-o", str(out)], "trainig: unknown key", "Did you mean 'training'?",
+                         out=out)
+
+
+def test_unknown_nested_key(tmp_path):
+    path = tiny_recipe(tmp_path, **{"name_or_path:": "name_or_pth:"})
+    assert_clean_failure(["sft", str(path)], "model.name_or_pth: unknown key", "'name_or_path'")
+
+
+def test_missing_required_key(tmp_path):
+    path = write_recipe(tmp_path, "data: {train: {path: x.jsonl}}\n")
+    assert_clean_failure(["sft", str(path)], "model: required key is missing")
+
+
+def test_wrong_type_in_recipe(tmp_path):
+    path = tiny_recipe(tmp_path, **{"seed: 42": "seed: forty-two"})
+    assert_clean_failure(["sft", str(path)], "seed:", "integer")
+
+
+def test_wrong_type_in_training(tmp_path):
+    path = tiny_recipe(tmp_path, **{"num_train_epochs: 8": "num_train_epochs: many"})
+    assert_clean_failure(["sft", str(path)], "training.num_train_epochs: expected float, got str 'many'")
+
+
+def test_unknown_training_key(tmp_path):
+    path = tiny_recipe(tmp_path, **{"learning_rate:": "learnig_rate:"})
+    assert_clean_failure(["sft", str(path)], "training.learnig_rate: not a field of SFTConfig",
+                         "Did you mean 'learning_rate'?")
+
+
+def test_negative_learning_rate(tmp_path):
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "--set", "training.learning_rate=-1e-4"],
+                         "training.learning_rate: must be > 0")
+
+
+def test_bad_strategy(tmp_path):
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "--set", "distributed.strategy=zero4"], "distributed.strategy",
+                         "'none', 'ddp', 'zero2' or 'zero3'")
+
+
+def test_offload_without_zero(tmp_path):
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "--set", "distributed.offload=optimizer"], "needs strategy zero2 or zero3")
+
+
+def test_key_owned_by_another_section(tmp_path):
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "--set", "training.output_dir=x"], "training.output_dir is not set here")
+
+
+def test_bad_set_syntax(tmp_path):
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "--set", "training.learning_rate"], "--set expects key.path=value")
+
+
+def test_stage_mismatch(tmp_path):
+    path = tiny_recipe(tmp_path, "rm.yaml")
+    assert_clean_failure(["sft", str(path)], "says `stage: rm`", "rlhf train-rm")
+
+
+def test_missing_data_file(tmp_path):
+    path = tiny_recipe(tmp_path, **{"data/sft.jsonl": "data/missing.jsonl"})
+    assert_clean_failure(["sft", str(path)], "data.train.path", "does not exist")
+
+
+def test_missing_model_directory(tmp_path):
+    path = tiny_recipe(tmp_path, **{"builtin:tiny-gpt2": "./no-such-model"})
+    assert_clean_failure(["sft", str(path)], "model.name_or_path", "does not exist")
+
+
+def test_unknown_builtin_model(tmp_path):
+    path = tiny_recipe(tmp_path, **{"builtin:tiny-gpt2": "builtin:tiny-llama"})
+    assert_clean_failure(["sft", str(path)], "unknown builtin model 'builtin:tiny-llama'")
+
+
+def test_no_output_dir(tmp_path):
+    path = tiny_recipe(tmp_path, **{"output_dir: runs/tiny-sft": "seed: 1"})
+    path.write_text(path.read_text().replace("seed: 42\n", ""))
+    assert_clean_failure(["sft", str(path)], "No output directory")
+
+
+def test_empty_dataset(tmp_path):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path)
+    (tmp_path / "data" / "sft.jsonl").write_text("")
+    assert_clean_failure(["sft", str(path), "-o", str(out)], "sft.jsonl", "empty", out=out)
+
+
+def test_dataset_without_needed_columns(tmp_path):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, "rm.yaml", **{"data/preference.jsonl": "data/sft.jsonl"})
+    assert_clean_failure(["train-rm", str(path), "-o", str(out)], "data.train", "chosen", out=out)
+
+
+def test_malformed_row(tmp_path):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, "rm.yaml")
+    data = tmp_path / "data" / "preference.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    del rows[2]["rejected"]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert_clean_failure(["train-rm", str(path), "-o", str(out)], "preference.jsonl", "row 3", "'rejected'", out=out)
+
+
+def test_non_empty_output_dir_is_refused_and_left_alone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "-o", str(out)], "is not empty", "--overwrite", "--resume")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_resume_without_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "-o", str(out), "--resume"], "no checkpoint", out=out)
+
+
+def test_overwrite_and_resume_together(tmp_path):
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "-o", str(tmp_path / "o"), "--resume", "--overwrite"], "choose one")
+
+
+def test_hub_model_that_cannot_be_loaded(tmp_path):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, **{"builtin:tiny-gpt2": "no-such-org/no-such-model-xyz"})
+    assert_clean_failure(["sft", str(path), "-o", str(out)], "no-such-org/no-such-model-xyz", out=out)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary(tmp_path):
+    """A tokenizer from elsewhere whose ids the model cannot embed is refused before training."""
+    from rlhf_cli.models import materialize_builtin
+    from rlhf_cli.recipe import BuiltinSpec
+
+    big_tokenizer = materialize_builtin("builtin:tiny-gpt2", BuiltinSpec(), seed=42)
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "-o", str(out), "--set", "model.builtin.vocab_size=300",
+                          "--set", f"model.tokenizer={big_tokenizer}"], "tokenizer", "embeds", out=out)
+
+
+def test_validate_and_show_need_a_stage(tmp_path):
+    path = tiny_recipe(tmp_path)
+    path.write_text(path.read_text().replace("stage: sft\n", ""))
+    assert_clean_failure(["recipe", "validate", str(path)], "cannot tell which stage")
+    result = runner.invoke(app, ["recipe", "validate", str(path), "--stage", "sft"])
+    assert result.exit_code == 0, result.output
