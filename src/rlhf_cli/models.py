@@ -171,10 +171,23 @@ def load_model(
         model = auto_class.from_pretrained(model_path, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"Cannot load the model {model_path!r}: {_first_line(exc)}") from None
+    if spec.gguf_file:
+        model = _plain_copy(model, auto_class)
     check_tokenizer_fits(model, tokenizer, model_path)
     if kind == "reward":
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the score at the last non-pad token
     return model
+
+
+def _plain_copy(model: PreTrainedModel, auto_class) -> PreTrainedModel:
+    """A GGUF model is dequantized on load but still flagged as quantized, which blocks full fine-tuning and
+    save_pretrained; copy its weights into an ordinary model of the same config."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = auto_class.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
 
 
 def check_tokenizer_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: str) -> None:
