@@ -95,10 +95,15 @@ def interrupt_callback():
 
     class SaveOnInterrupt(TrainerCallback):
         requested = False
+        ctrl_c_count = 0
 
         def _handler(self, signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
+            # Under `accelerate launch` a Ctrl-C reaches a worker twice: SIGINT from the terminal, then SIGTERM
+            # from the launcher. Only a second SIGINT (the user insisting) stops without saving.
+            if signum == signal.SIGINT:
+                self.ctrl_c_count += 1
+                if self.ctrl_c_count > 1:
+                    raise KeyboardInterrupt
             self.requested = True
 
         @contextmanager

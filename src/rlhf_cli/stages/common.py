@@ -61,6 +61,8 @@ def trainer_config_kwargs(stage: Stage, recipe: Recipe, run_dir: Path, plan: Lau
     )
     if plan.deepspeed_config is not None:
         kwargs["deepspeed"] = str(run_dir / DEEPSPEED_CONFIG)
+    if recipe.data.eval is not None and "eval_strategy" not in kwargs:
+        kwargs["eval_strategy"] = "epoch"  # given eval data, evaluate it (TRL's default is never)
     return kwargs
 
 
@@ -143,9 +145,15 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear
     plan.write(run_dir)
     Console(stderr=True).print(f"[bold]Launching[/] {plan.num_processes} processes: {plan.command_line()}",
                                markup=True, highlight=False, soft_wrap=True)  # fmt: skip
-    try:
-        returncode = subprocess.run(plan.command, check=False).returncode
-    except KeyboardInterrupt:  # the workers got the same Ctrl-C and save a checkpoint
+    process = subprocess.Popen(plan.command)
+    interrupted = False
+    while True:
+        try:
+            returncode = process.wait()
+            break
+        except KeyboardInterrupt:  # the workers got the same Ctrl-C: wait while they save a checkpoint and exit
+            interrupted = True
+    if interrupted:
         returncode = INTERRUPTED_EXIT_CODE
     if returncode not in (0, INTERRUPTED_EXIT_CODE) and not existed and last_checkpoint(run_dir) is None:
         import shutil
