@@ -212,3 +212,8 @@ def test_validate_and_show_need_a_stage(tmp_path):
     assert_clean_failure(["recipe", "validate", str(path)], "cannot tell which stage")
     result = runner.invoke(app, ["recipe", "validate", str(path), "--stage", "sft"])
     assert result.exit_code == 0, result.output
+
+
+def test_max_length_beyond_the_builtin_model(tmp_path):
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "--set", "data.max_length=4096"], "exceeds model.builtin.n_positions")

@@ -15,7 +15,7 @@ from rlhf_cli.errors import UserError
 
 app = typer.Typer(
     name="rlhf",
-    help="RLHF on the Hugging Face stack: supervised fine-tuning, reward models and more, each from one YAML recipe.",
+    help="RLHF on the Hugging Face stack: supervised fine-tuning and reward models, each from one YAML recipe.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -89,7 +89,7 @@ def sft(
 ) -> None:
     """Supervised fine-tuning on demonstrations (TRL SFTTrainer).
 
-    Data: text, prompt/completion, messages, alpaca or sharegpt rows. Saves a causal LM and its tokenizer.
+    Data: text, prompt/completion, messages, alpaca, sharegpt or hh (the chosen transcript) rows. Saves a causal LM and its tokenizer.
     """
     _run("sft", recipe, overrides, output_dir, overwrite, resume, dry_run)
 

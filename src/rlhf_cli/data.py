@@ -224,7 +224,7 @@ def _from_sharegpt_preference(row: Row) -> Row:
     prompt = _sharegpt_messages(row)
     if prompt[-1]["role"] != "user":
         last = prompt[-1]["role"]
-        raise _RowError(f"'conversations' must end with a human turn to answer, but it ends with a {last} turn")
+        raise _RowError(f"'conversations' must end with a human turn to answer, but its last turn is {last!r}")
     out: Row = {"prompt": prompt}
     for key in ("chosen", "rejected"):
         answer = _sharegpt_turn(_field(row, key), f"field {key!r}")

@@ -6,6 +6,7 @@ Nothing here imports torch, transformers or trl: a bad recipe must fail in well 
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,7 @@ class BuiltinSpec(_Strict):
     n_layer: PositiveInt = Field(2, description="Transformer blocks.")
     n_embd: PositiveInt = Field(64, description="Hidden width.")
     n_head: PositiveInt = Field(2, description="Attention heads (must divide n_embd).")
-    n_positions: PositiveInt = Field(256, description="Maximum sequence length.")
+    n_positions: PositiveInt = Field(512, description="Maximum sequence length (at least data.max_length).")
     vocab_size: PositiveInt = Field(
         1024, description="Size of the byte-level BPE the project trains on its demo corpus."
     )
@@ -174,6 +175,15 @@ class Recipe(_Strict):
     )
     seed: int = Field(42, description="Seed for model init, data order and sampling.")
     report_to: list[str] | str = Field("none", description="Trackers: none, tensorboard, wandb, trackio, ...")
+
+    @model_validator(mode="after")
+    def _fits_builtin_positions(self) -> Recipe:
+        if self.model.is_builtin and self.data.max_length > self.model.builtin.n_positions:
+            raise ValueError(
+                f"data.max_length ({self.data.max_length}) exceeds model.builtin.n_positions "
+                f"({self.model.builtin.n_positions}), the longest sequence the builtin model can read"
+            )
+        return self
 
     @model_validator(mode="after")
     def _merge_needs_full_weights(self) -> Recipe:
@@ -392,7 +402,7 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
             default = "" if info.default is None and info.default_factory is None else "(section)"
         else:
             value = info.get_default(call_default_factory=True)
-            default = "{}" if value == {} else str(value) if value is not None else "null"
+            default = json.dumps(value) if not isinstance(value, str) else value
         meaning = info.description or ((nested.__doc__ or "").strip().splitlines() or [""])[0] if nested else ""
         rows.append((key, default, info.description or meaning))
         if nested is not None:

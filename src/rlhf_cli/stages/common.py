@@ -117,9 +117,14 @@ def run_stage(
 ) -> int:
     """Run one stage from a validated recipe; returns the process exit code."""
     run_dir = resolve_run_dir(recipe, output_dir)
+    recipe = recipe.model_copy(update={"output_dir": str(run_dir)})  # recipe.yaml records where the run went
     plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=resume,
                        cli_argv=cli_argv)  # fmt: skip
     config_kwargs = trainer_config_kwargs(stage, recipe, run_dir, plan)
+    if plan.precision.get("use_cpu") and (recipe.training.get("bf16") or recipe.training.get("fp16")):
+        from rich.console import Console
+
+        Console(stderr=True).print("[yellow]Note:[/] no GPU here, so training runs in float32 (bf16/fp16 ignored).")
     if dry_run:
         show_dry_run(stage, plan, config_kwargs)
         return 0
@@ -143,7 +148,7 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear
     prepare_run_dir(run_dir, clear=clear)
     (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
     plan.write(run_dir)
-    Console(stderr=True).print(f"[bold]Launching[/] {plan.num_processes} processes: {plan.command_line()}",
+    Console(stderr=True).print(f"[bold]Launching[/] {plan.num_processes} process(es): {plan.command_line()}",
                                markup=True, highlight=False, soft_wrap=True)  # fmt: skip
     process = subprocess.Popen(plan.command)
     interrupted = False
