@@ -535,3 +535,23 @@ def test_real_identity():
     assert len(rows) == 91
     assert rows[0] == {"prompt": [user("hi")], "completion": [assistant(rows[0]["completion"][0]["content"])]}
     assert "{{name}}" in rows[0]["completion"][0]["content"]
+
+
+def test_prompts_for_rollouts(tmp_path):
+    """PPO reads prompts: a prompt column (text or messages), alpaca instructions, or a mapped column."""
+    from rlhf_cli.data import load_data
+    from rlhf_cli.recipe import DataSource
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "completion": "x"}\n')
+    assert load_data(DataSource(path=str(path)), "prompt").to_list() == [
+        {"prompt": [{"role": "user", "content": "hi"}]}]
+    path.write_text('{"instruction": "Add", "input": "1 and 2", "output": "3"}\n')
+    assert load_data(DataSource(path=str(path)), "prompt")[0]["prompt"] == [
+        {"role": "user", "content": "Add\n\n1 and 2"}]
+    path.write_text('{"question": "What is 2+2?", "answer": "#### 4"}\n')
+    ds = load_data(DataSource(path=str(path), columns={"prompt": "question"}), "prompt")
+    assert ds[0]["prompt"] == "What is 2+2?"
+    with pytest.raises(UserError, match="row 1: field 'prompt'"):
+        path.write_text('{"prompt": ""}\n')
+        load_data(DataSource(path=str(path)), "prompt")

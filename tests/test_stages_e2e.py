@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,11 +151,16 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tmp_path):
 @pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*/*.yaml")))
 def test_every_recipe_validates_and_dry_runs(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output_dir lands here, and must not be created
+    text = (REPO / recipe).read_text()
+    overrides = []
+    if "stage: ppo" in text:  # it reads the outputs of earlier stages; stand-ins outside tmp_path will do
+        overrides = ["--set", f"model.name_or_path={TINY}", "--set", f"ppo.reward.model={TINY}"]
     runner = CliRunner()
-    result = runner.invoke(app, ["recipe", "validate", str(REPO / recipe)])
+    result = runner.invoke(app, ["recipe", "validate", str(REPO / recipe), *overrides])
     assert result.exit_code == 0, result.output
-    command = "sft" if "stage: sft" in (REPO / recipe).read_text() else "train-rm"
-    result = runner.invoke(app, [command, str(REPO / recipe), "--dry-run"])
+    stage = re.search(r"^stage: (\w+)", text, re.M).group(1)
+    command = {"sft": "sft", "rm": "train-rm", "ppo": "ppo"}[stage]
+    result = runner.invoke(app, [command, str(REPO / recipe), "--dry-run", *overrides])
     assert result.exit_code == 0, result.output
     assert "Command:" in result.output and "Dry run" in result.output
     if "strategy: zero3" in (REPO / recipe).read_text():
@@ -170,3 +176,35 @@ def test_help_does_not_import_torch():
         code = f"import sys; from rlhf_cli.cli import app; app({args!r}, standalone_mode=False); print('torch' in sys.modules)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert result.stdout.strip().endswith("False"), args
+
+
+def ppo_history(out: Path) -> list[dict]:
+    return [row for row in metrics(out) if "score" in row]
+
+
+def test_ppo_raises_the_reward_model_score_with_bounded_kl(tiny_sft, tiny_rm, tmp_path):
+    out = tmp_path / "ppo"
+    rlhf("ppo", str(TINY / "ppo.yaml"), "-o", str(out), "--set", f"model.name_or_path={tiny_sft}",
+         "--set", f"ppo.reward.model={tiny_rm}")
+    history = ppo_history(out)
+    first = sum(row["score"] for row in history[:8]) / 8
+    last = sum(row["score"] for row in history[-8:]) / 8
+    assert last > first + 0.2, (first, last)
+    assert max(row["kl"] for row in history[-8:]) < 10.0  # the KL penalty keeps the policy near the reference
+    for name in ("recipe.yaml", "summary.json", "samples.jsonl", "config.json", "critic/config.json"):
+        assert (out / name).is_file(), name
+
+
+def test_ppo_with_a_rule_reward_known_exactly(tiny_sft, tmp_path):
+    out = tmp_path / "rule"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run(
+        [*RLHF, "ppo", str(TINY / "ppo.yaml"), "-o", str(out), "--set", f"model.name_or_path={tiny_sft}",
+         "--set", "ppo.reward={function: 'rules:starts_with_sure'}", "--set", "training.steps=30"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = ppo_history(out)
+    assert all(0.0 <= row["score"] <= 1.0 for row in history)  # the rule's range, no penalty in the raw score
+    first = sum(row["score"] for row in history[:6]) / 6
+    last = sum(row["score"] for row in history[-6:]) / 6
+    assert last > first, (first, last)

@@ -15,7 +15,7 @@ from rlhf_cli.errors import UserError
 
 app = typer.Typer(
     name="rlhf",
-    help="RLHF on the Hugging Face stack: supervised fine-tuning and reward models, each from one YAML recipe.",
+    help="RLHF on the Hugging Face stack: supervised fine-tuning, reward models and PPO, each from one YAML recipe.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -38,7 +38,7 @@ DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Validate, print the trainer config and launch command; start nothing.")
 ]
 StageOpt = Annotated[
-    Optional[str], typer.Option("--stage", help="sft or rm; default: the recipe's own `stage:` key.")
+    Optional[str], typer.Option("--stage", help="sft, rm or ppo; default: the recipe's own `stage:` key.")
 ]
 
 
@@ -112,6 +112,30 @@ def train_rm(
     _run("rm", recipe, overrides, output_dir, overwrite, resume, dry_run)
 
 
+@app.command()
+@user_errors
+def ppo(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """PPO against a reward model (or a rule function), KL-anchored to the reference policy.
+
+    Four models: policy and critic train, reference and reward model stay frozen. Data: prompts. Saves the policy
+    (and the critic in critic/).
+    """
+    from rlhf_cli.recipe import load_recipe
+    from rlhf_cli.stages.ppo import run_ppo
+
+    code = run_ppo(load_recipe(recipe, "ppo", overrides or []), output_dir=output_dir, overwrite=overwrite,
+                   resume=resume, dry_run=dry_run, cli_argv=["rlhf", *sys.argv[1:]])  # fmt: skip
+    if code:
+        raise typer.Exit(code)
+
+
 def _load_for_inspection(recipe: str, stage: str | None, overrides):
     from rlhf_cli.recipe import STAGE_CONFIG, apply_overrides, read_recipe_file, validate_recipe
     from pathlib import Path
@@ -120,7 +144,7 @@ def _load_for_inspection(recipe: str, stage: str | None, overrides):
     chosen = stage or raw.get("stage")
     if chosen not in STAGE_CONFIG:
         raise UserError(
-            f"{recipe}: cannot tell which stage this recipe is for; add `stage: sft` or `stage: rm` to it, "
+            f"{recipe}: cannot tell which stage this recipe is for; add `stage: sft`, `stage: rm` or `stage: ppo` to it, "
             "or pass --stage."
         )
     return validate_recipe(raw, chosen, source=recipe, base_dir=Path(recipe).resolve().parent)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from rlhf_cli.recipe import DataSource
 
-Kind = Literal["sft", "preference"]
+Kind = Literal["sft", "preference", "prompt"]
 Row = dict[str, Any]
 
 _BUILDERS = {
@@ -269,6 +269,14 @@ def _from_hh_preference(row: Row) -> Row:
     return {"prompt": prompt, "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
+def _from_prompt(row: Row) -> Row:
+    return {"prompt": _text_or_messages(row, "prompt")}
+
+
+def _from_alpaca_prompt(row: Row) -> Row:
+    return {"prompt": _alpaca_prompt(row)}
+
+
 # (format, kind) -> (columns it needs, converter of one row)
 _FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Row], Row]]] = {
     ("text", "sft"): (("text",), _from_text),
@@ -281,6 +289,11 @@ _FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Row], Row]]] = 
     ("alpaca", "preference"): (("instruction", "chosen", "rejected"), _from_alpaca_preference),
     ("sharegpt", "preference"): (("conversations", "chosen", "rejected"), _from_sharegpt_preference),
     ("hh", "preference"): (("chosen", "rejected"), _from_hh_preference),
+    # Prompts for PPO rollouts: the prompt part of any format that has one.
+    ("prompt", "prompt"): (("prompt",), _from_prompt),
+    ("prompt_completion", "prompt"): (("prompt",), _from_prompt),
+    ("preference", "prompt"): (("prompt",), _from_prompt),
+    ("alpaca", "prompt"): (("instruction",), _from_alpaca_prompt),
 }
 _KIND_NEEDS = {
     "sft": "an SFT dataset needs text, prompt+completion, messages, conversations (sharegpt), "
@@ -288,6 +301,8 @@ _KIND_NEEDS = {
     "preference": "a preference dataset needs chosen+rejected (optionally prompt), "
     "conversations+chosen+rejected (sharegpt) or instruction+chosen+rejected (alpaca); "
     "chosen+rejected holding HH transcripts are read as hh",
+    "prompt": "a prompt dataset needs prompt (text or messages) or instruction (alpaca); map another column "
+    "with columns, e.g. {prompt: question}",
 }
 
 
@@ -311,7 +326,7 @@ def load_data(source: DataSource, kind: Kind, *, what: str = "data.train") -> da
     fmt = source.format if source.format != "auto" else _detect_format(ds, kind, where, what)
     if (fmt, kind) not in _FORMATS:
         fitting = [name for name, k in _FORMATS if k == kind]
-        needs = "SFT data" if kind == "sft" else "preference pairs (chosen/rejected)"
+        needs = {"sft": "SFT data", "preference": "preference pairs (chosen/rejected)", "prompt": "prompts"}[kind]
         raise UserError(
             f"{where}: format {fmt!r} does not fit this stage, which needs {needs}; "
             f"use one of the formats auto, {', '.join(fitting)}."
@@ -497,7 +512,12 @@ def _detect_format(ds: datasets.Dataset, kind: Kind, where: str, what: str) -> s
     """Guess the format from the column names (and, for HH, the first `chosen` value)."""
     columns = set(ds.column_names)
     hh = "chosen" in columns and _looks_like_hh(ds[0]["chosen"])
-    if kind == "preference":
+    if kind == "prompt":
+        if "prompt" in columns:
+            return "prompt"
+        if "instruction" in columns:
+            return "alpaca"
+    elif kind == "preference":
         if {"chosen", "rejected"} <= columns:
             if "conversations" in columns:
                 return "sharegpt"

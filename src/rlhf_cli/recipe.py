@@ -157,9 +157,36 @@ class DistributedSpec(_Strict):
         return self
 
 
+class RewardSpec(_Strict):
+    """Where PPO's reward comes from: a trained reward model, or a rule function."""
+
+    model: str | None = Field(None, description="Reward model directory or hub id (from `rlhf train-rm`).")
+    function: str | None = Field(
+        None, description="'module.path:function' taking (prompts, completions) lists and returning floats."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.model is None) == (self.function is None):
+            raise ValueError("give exactly one of 'model' (a reward model) or 'function' (module.path:fn)")
+        if self.function is not None and ":" not in self.function:
+            raise ValueError(f"function must look like 'module.path:function', got {self.function!r}")
+        return self
+
+
+class PPOSpec(_Strict):
+    """The other three models of PPO (the policy is `model:`)."""
+
+    reward: RewardSpec = Field(description="The reward: a model or a rule function.")
+    value_model: str | None = Field(
+        None, description="Critic initialisation; default: the reward model (the policy when the reward is a rule)."
+    )
+    ref_model: str | None = Field(None, description="Frozen reference for the KL term; default: the policy's start.")
+
+
 class Recipe(_Strict):
-    stage: Literal["sft", "rm"] | None = Field(
-        None, description="Which command the recipe is for (sft or rm); checked when given."
+    stage: Literal["sft", "rm", "ppo"] | None = Field(
+        None, description="Which command the recipe is for (sft, rm or ppo); checked when given."
     )
     model: ModelSpec = Field(description="The model to train (or to start from) and its tokenizer.")
     data: DataSpec = Field(description="Training and evaluation data.")
@@ -167,6 +194,7 @@ class Recipe(_Strict):
         default_factory=dict,
         description="Keys of the stage's TRL config (SFTConfig for sft, RewardConfig for train-rm).",
     )
+    ppo: PPOSpec | None = Field(None, description="PPO only: reward, critic and reference models.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="How many processes and which DeepSpeed/DDP strategy."
     )
@@ -195,7 +223,7 @@ class Recipe(_Strict):
         return self
 
 
-STAGE_CONFIG = {"sft": "SFTConfig", "rm": "RewardConfig"}
+STAGE_CONFIG = {"sft": "SFTConfig", "rm": "RewardConfig", "ppo": "PPOConfig"}
 
 # Training keys owned by other recipe sections or by the CLI.
 _OWNED_KEYS = {
@@ -270,7 +298,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-_PATH_KEYS = {"model.name_or_path", "model.tokenizer", "model.chat_template", "data.train.path", "data.eval.path"}
+_PATH_KEYS = {"model.name_or_path", "model.tokenizer", "model.chat_template", "data.train.path", "data.eval.path",
+              "ppo.reward.model", "ppo.value_model", "ppo.ref_model"}
 
 
 # ---------------------------------------------------------------- errors
@@ -345,6 +374,11 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
     if model.chat_template and "{" not in model.chat_template:
         path = _resolve_path(model.chat_template, base_dir, must_exist=True, what="model.chat_template")
         model.chat_template = Path(path).read_text(encoding="utf-8")
+    if recipe.ppo is not None:
+        ppo = recipe.ppo
+        ppo.reward.model = _resolve_path(ppo.reward.model, base_dir, must_exist=False, what="ppo.reward.model")
+        ppo.value_model = _resolve_path(ppo.value_model, base_dir, must_exist=False, what="ppo.value_model")
+        ppo.ref_model = _resolve_path(ppo.ref_model, base_dir, must_exist=False, what="ppo.ref_model")
     for split_name in ("train", "eval"):
         source = getattr(recipe.data, split_name)
         if source is not None and source.path is not None:
@@ -361,8 +395,11 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
     except ValidationError as exc:
         raise UserError(_format_validation_error(exc, source)) from None
     if recipe.stage is not None and recipe.stage != stage:
-        command = {"sft": "rlhf sft", "rm": "rlhf train-rm"}[recipe.stage]
+        command = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo"}[recipe.stage]
         raise UserError(f"Recipe {source} says `stage: {recipe.stage}`; run it with `{command}`.")
+    if (stage == "ppo") != (recipe.ppo is not None):
+        needed = "needs a `ppo:` section (reward, value_model, ref_model)" if stage == "ppo" else "has a `ppo:` section"
+        raise UserError(f"Recipe {source} {needed}, but it is run as the {stage} stage.")
     for key, owner in _OWNED_KEYS.items():
         if key in recipe.training:
             raise UserError(f"Recipe {source}: training.{key} is not set here; use {owner}.")

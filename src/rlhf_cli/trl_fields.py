@@ -40,6 +40,19 @@ _BOUNDS: dict[str, tuple[str, float]] = {
     "max_grad_norm": (">=", 0),
     "save_total_limit": (">=", 1),
     "dataloader_num_workers": (">=", 0),
+    # PPOConfig
+    "steps": (">=", 1),
+    "rollout_batch_size": (">=", 1),
+    "mini_batch_size": (">=", 1),
+    "ppo_epochs": (">=", 1),
+    "response_length": (">=", 1),
+    "temperature": (">", 0),
+    "kl_coef": (">=", 0),
+    "cliprange": (">", 0),
+    "cliprange_value": (">", 0),
+    "vf_coef": (">=", 0),
+    "gamma": (">=", 0),
+    "lam": (">=", 0),
 }
 
 
@@ -79,6 +92,10 @@ def _default_expr(value: ast.expr | None) -> ast.expr | None:
 
 def config_fields(class_name: str) -> dict[str, str]:
     """Map field name -> annotation source text for a TRL/transformers config class, bases included."""
+    if class_name == "PPOConfig":  # our own, standard library only
+        from rlhf_cli.ppo.config import ppo_fields
+
+        return ppo_fields()
     return {name: annotation for name, (annotation, _) in _class_fields(class_name).items()}
 
 
