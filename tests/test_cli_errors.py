@@ -217,3 +217,34 @@ def test_validate_and_show_need_a_stage(tmp_path):
 def test_max_length_beyond_the_builtin_model(tmp_path):
     path = tiny_recipe(tmp_path)
     assert_clean_failure(["sft", str(path), "--set", "data.max_length=4096"], "exceeds model.builtin.n_positions")
+
+
+def test_ppo_recipe_needs_its_ppo_section(tmp_path):
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    text = path.read_text()
+    path.write_text(text[: text.index("ppo:\n")] + text[text.index("training:"):])
+    assert_clean_failure(["ppo", str(path)], "needs a `ppo:` section")
+
+
+def test_ppo_reward_needs_exactly_one_source(tmp_path):
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    assert_clean_failure(["ppo", str(path), "--set", "ppo.reward={}"], "ppo.reward", "exactly one of 'model'")
+
+
+def test_ppo_reward_model_with_another_tokenizer(tmp_path):
+    """A reward model whose tokenizer differs from the policy's is refused before training."""
+    from rlhf_cli.models import materialize_builtin
+    from rlhf_cli.recipe import BuiltinSpec
+
+    policy = materialize_builtin("builtin:tiny-gpt2", BuiltinSpec(vocab_size=300), seed=1)
+    reward = materialize_builtin("builtin:tiny-gpt2", BuiltinSpec(), seed=1)
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    assert_clean_failure(["ppo", str(path), "-o", str(out), "--set", f"model.name_or_path={policy}",
+                          "--set", f"ppo.reward.model={reward}"], "different tokenizer", out=out)
+
+
+def test_ppo_mini_batch_must_divide_rollout_batch(tmp_path):
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    assert_clean_failure(["ppo", str(path), "--set", f"model.name_or_path={TINY}", "--set",
+                          f"ppo.reward.model={TINY}", "--set", "training.mini_batch_size=5"], "must divide")
