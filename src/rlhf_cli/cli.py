@@ -65,14 +65,16 @@ def user_errors(command):
 
 
 def _run(stage_name: str, recipe: str, overrides, output_dir, overwrite, resume, dry_run) -> None:
+    from functools import partial
+
     from rlhf_cli.recipe import load_recipe
     from rlhf_cli.stages import STAGES
     from rlhf_cli.stages.common import run_stage
+    from rlhf_cli.stages.ppo import run_ppo
 
-    stage = STAGES[stage_name]
-    loaded = load_recipe(recipe, stage.name, overrides or [])
-    code = run_stage(stage, loaded, output_dir=output_dir, overwrite=overwrite, resume=resume, dry_run=dry_run,
-                     cli_argv=["rlhf", *sys.argv[1:]])  # fmt: skip
+    run = run_ppo if stage_name == "ppo" else partial(run_stage, STAGES[stage_name])
+    code = run(load_recipe(recipe, stage_name, overrides or []), output_dir=output_dir, overwrite=overwrite,
+               resume=resume, dry_run=dry_run, cli_argv=["rlhf", *sys.argv[1:]])  # fmt: skip
     if code:
         raise typer.Exit(code)
 
@@ -127,13 +129,7 @@ def ppo(
     Four models: policy and critic train, reference and reward model stay frozen. Data: prompts. Saves the policy
     (and the critic in critic/).
     """
-    from rlhf_cli.recipe import load_recipe
-    from rlhf_cli.stages.ppo import run_ppo
-
-    code = run_ppo(load_recipe(recipe, "ppo", overrides or []), output_dir=output_dir, overwrite=overwrite,
-                   resume=resume, dry_run=dry_run, cli_argv=["rlhf", *sys.argv[1:]])  # fmt: skip
-    if code:
-        raise typer.Exit(code)
+    _run("ppo", recipe, overrides, output_dir, overwrite, resume, dry_run)
 
 
 def _load_for_inspection(recipe: str, stage: str | None, overrides):
