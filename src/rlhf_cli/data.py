@@ -36,7 +36,7 @@ _BUILDERS = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
-_ROLES = ("system", "user", "assistant", "tool")
+_TRL_ROLES = {role: role for role in ("system", "user", "assistant", "tool")}
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -105,21 +105,8 @@ def _messages(value: Any, key: str) -> list[dict[str, str]]:
     """Validate a list of chat messages and keep only role and content."""
     if not isinstance(value, list) or not value:
         raise _RowError(f"field {key!r} must be a non-empty list of messages, got {_describe(value)}")
-    out = []
-    for n, message in enumerate(value, 1):
-        if not isinstance(message, dict):
-            raise _RowError(
-                f"{key!r} message {n} must be a mapping with 'role' and 'content', got {_describe(message)}"
-            )
-        role, content = message.get("role"), message.get("content")
-        if role is None:
-            raise _RowError(f"{key!r} message {n} has no 'role'")
-        if role not in _ROLES:
-            raise _RowError(f"{key!r} message {n} has unknown role {role!r} (expected {', '.join(_ROLES)})")
-        if not isinstance(content, str):
-            raise _RowError(f"{key!r} message {n} needs a string 'content', got {_describe(content)}")
-        out.append(_message(role, content))
-    return out
+    return [_turn(message, f"{key!r} message {n}", "role", "content", _TRL_ROLES)
+            for n, message in enumerate(value, 1)]
 
 
 def _text_or_messages(row: Row, key: str) -> str | list[dict[str, str]]:
@@ -193,16 +180,21 @@ def _from_alpaca_preference(row: Row) -> Row:
 
 
 def _sharegpt_turn(turn: Any, label: str) -> dict[str, str]:
+    return _turn(turn, label, "from", "value", _SHAREGPT_ROLES)
+
+
+def _turn(turn: Any, label: str, role_key: str, text_key: str, roles: dict[str, str]) -> dict[str, str]:
+    """One checked turn `{role_key, text_key}` -> `{role, content}`, the role mapped through `roles`."""
     if not isinstance(turn, dict):
-        raise _RowError(f"{label} must be a mapping with 'from' and 'value', got {_describe(turn)}")
-    speaker, value = turn.get("from"), turn.get("value")
-    if speaker is None:
-        raise _RowError(f"{label} has no 'from'")
-    if speaker not in _SHAREGPT_ROLES:
-        raise _RowError(f"{label} has unknown role {speaker!r} (expected {', '.join(_SHAREGPT_ROLES)})")
-    if not isinstance(value, str):
-        raise _RowError(f"{label} needs a string 'value', got {_describe(value)}")
-    return _message(_SHAREGPT_ROLES[speaker], value)
+        raise _RowError(f"{label} must be a mapping with {role_key!r} and {text_key!r}, got {_describe(turn)}")
+    role, text = turn.get(role_key), turn.get(text_key)
+    if role is None:
+        raise _RowError(f"{label} has no {role_key!r}")
+    if role not in roles:
+        raise _RowError(f"{label} has unknown role {role!r} (expected {', '.join(roles)})")
+    if not isinstance(text, str):
+        raise _RowError(f"{label} needs a string {text_key!r}, got {_describe(text)}")
+    return _message(roles[role], text)
 
 
 def _sharegpt_messages(row: Row) -> list[dict[str, str]]:
