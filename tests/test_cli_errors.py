@@ -248,3 +248,18 @@ def test_ppo_mini_batch_must_divide_rollout_batch(tmp_path):
     path = tiny_recipe(tmp_path, "ppo.yaml")
     assert_clean_failure(["ppo", str(path), "--set", f"model.name_or_path={TINY}", "--set",
                           f"ppo.reward.model={TINY}", "--set", "training.mini_batch_size=5"], "must divide")
+
+
+def test_ppo_rule_reward_that_cannot_be_imported(tmp_path):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    assert_clean_failure(["ppo", str(path), "-o", str(out), "--set", "model.name_or_path=builtin:tiny-gpt2",
+                          "--set", "ppo.reward={function: 'no_such_module:score'}"],
+                         "ppo.reward.function 'no_such_module:score' cannot be imported", out=out)
+
+
+def test_ppo_refuses_a_distributed_strategy_it_cannot_run(tmp_path):
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    assert_clean_failure(["ppo", str(path), "--set", f"model.name_or_path={TINY}", "--set",
+                          f"ppo.reward.model={TINY}", "--set", "distributed.strategy=zero3"],
+                         "runs in one process for now")

@@ -142,6 +142,7 @@ class PPOTrainer:
         set_seed(recipe.seed)
 
         spec, ppo = recipe.model, recipe.ppo
+        self.rule = load_rule_reward(ppo.reward.function) if ppo.reward.function else None  # fail before loading
         policy_path = resolve_model_path(spec, recipe.seed)
         self.tokenizer = load_tokenizer(spec, policy_path, conversational=isinstance(prompts[0]["prompt"], list))
         for what, path in (("ppo.reward.model", ppo.reward.model), ("ppo.value_model", ppo.value_model),
@@ -153,7 +154,6 @@ class PPOTrainer:
         # Frozen copies come from memory when they start from the same weights: no model is read twice.
         self.ref = (copy.deepcopy(self.policy) if not ppo.ref_model
                     else AutoModelForCausalLM.from_pretrained(ppo.ref_model))  # fmt: skip
-        self.rule = load_rule_reward(ppo.reward.function) if ppo.reward.function else None
         self.reward_model = None
         if ppo.reward.model:
             self.reward_model = AutoModelForSequenceClassification.from_pretrained(ppo.reward.model, num_labels=1)
