@@ -145,10 +145,13 @@ class PPOTrainer:
         self.rule = load_rule_reward(ppo.reward.function) if ppo.reward.function else None  # fail before loading
         policy_path = resolve_model_path(spec, recipe.seed)
         self.tokenizer = load_tokenizer(spec, policy_path, conversational=isinstance(prompts[0]["prompt"], list))
-        for what, path in (("ppo.reward.model", ppo.reward.model), ("ppo.value_model", ppo.value_model),
-                           ("ppo.ref_model", ppo.ref_model)):  # fmt: skip
+        others = {}  # path -> recipe key; a path named twice is checked once
+        for what, path in (("ppo.ref_model", ppo.ref_model), ("ppo.value_model", ppo.value_model),
+                           ("ppo.reward.model", ppo.reward.model)):  # fmt: skip
             if path:
-                check_same_vocabulary(self.tokenizer, path, what)
+                others[path] = what
+        for path, what in others.items():
+            check_same_vocabulary(self.tokenizer, path, what)
 
         self.policy = load_model(spec, policy_path, "causal_lm", self.tokenizer)
         # Frozen copies come from memory when they start from the same weights: no model is read twice.
