@@ -75,8 +75,11 @@ def deepspeed_config(recipe: Recipe, config_class: str, num_processes: int, prec
     def setting(key):
         return training.get(key, config_default(config_class, key))
 
-    micro_batch = setting("per_device_train_batch_size")
     accumulation = setting("gradient_accumulation_steps")
+    if config_class == "PPOConfig":  # ours: an optimizer step per PPO minibatch, split into micro-batches
+        micro_batch = setting("mini_batch_size") // accumulation
+    else:
+        micro_batch = setting("per_device_train_batch_size")
     zero: dict = {"stage": 3 if dist.strategy == "zero3" else 2, "overlap_comm": True, "contiguous_gradients": True}
     if dist.strategy == "zero3":
         # Full weights gathered at save time, so the run directory holds an ordinary checkpoint.

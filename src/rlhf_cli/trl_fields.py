@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+from dataclasses import fields
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,10 @@ def config_fields(class_name: str) -> dict[str, str]:
 
 def config_default(class_name: str, key: str):
     """The literal default of one field (None when it has none or it is not a literal)."""
+    if class_name == "PPOConfig":
+        from rlhf_cli.ppo.config import PPOConfig
+
+        return {f.name: f.default for f in fields(PPOConfig)}[key]
     _, expr = _class_fields(class_name)[key]
     try:
         return ast.literal_eval(expr) if expr is not None else None

@@ -21,14 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_cli.launch import Hardware
 
     parser = argparse.ArgumentParser(prog="rlhf_cli.worker")
-    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("stage", choices=sorted([*STAGES, "ppo"]))
     parser.add_argument("recipe")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
-    stage = STAGES[args.stage]
     run_dir = Path(args.run_dir)
     try:
+        if args.stage == "ppo":
+            from rlhf_cli.stages.ppo import run_ppo_worker
+
+            recipe = load_recipe(args.recipe, "ppo")
+            plan = plan_launch(recipe, "ppo", "PPOConfig", run_dir, Hardware.detect(), resume=args.resume)
+            return run_ppo_worker(recipe, run_dir, plan, resume=args.resume)
+        stage = STAGES[args.stage]
         recipe = load_recipe(args.recipe, stage.name)
         plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=args.resume)
         train_data, eval_data = load_stage_data(stage, recipe)

@@ -21,7 +21,10 @@ class PPOConfig:
     ppo_epochs: int = _help("Passes over each rollout batch (K in the PPO paper).", 4)
     learning_rate: float = _help("Adam learning rate of the policy.", 1e-5)
     critic_learning_rate: float | None = _help("Adam learning rate of the critic; default: learning_rate.", None)
-    max_grad_norm: float = _help("Gradient clipping (global L2 norm) for policy and critic.", 1.0)
+    lr_schedule: str = _help("constant, or linear decay to 0 over all optimizer steps of the run.", "constant")
+    max_grad_norm: float = _help("Gradient clipping: one global L2 norm over policy and critic gradients.", 1.0)
+    gradient_accumulation_steps: int = _help("Micro-batches per minibatch (accumulated into one optimizer step).", 1)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass: less memory, ~30% slower.", False)
     # ---- sampling
     response_length: int = _help("Maximum new tokens per response.", 32)
     temperature: float = _help("Sampling temperature; log-probs are computed from logits / temperature.", 0.7)
@@ -40,7 +43,7 @@ class PPOConfig:
     whiten_advantages: bool = _help("Whiten advantages over the rollout batch.", True)
     cliprange: float = _help("epsilon in clip(ratio, 1 - eps, 1 + eps) of the surrogate.", 0.2)
     cliprange_value: float = _help("eps_v in V_old + clip(V - V_old, -eps_v, eps_v).", 0.2)
-    vf_coef: float = _help("Weight of the value loss (the critic has its own optimizer; scales its loss).", 0.1)
+    vf_coef: float = _help("c_v in loss = L_policy - c_e * entropy + c_v * L_value (one backward pass).", 0.1)
     entropy_coef: float = _help("Weight of the entropy bonus subtracted from the policy loss.", 0.0)
     early_stop_kl: float | None = _help("Stop the epoch loop once mean approx-KL exceeds this.", None)
     # ---- logging and saving
@@ -52,6 +55,10 @@ class PPOConfig:
     def __post_init__(self):
         if self.rollout_batch_size % self.mini_batch_size:
             raise ValueError("mini_batch_size must divide rollout_batch_size")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError("gradient_accumulation_steps must divide mini_batch_size")
+        if self.lr_schedule not in ("constant", "linear"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
 

@@ -1,7 +1,8 @@
 """Forward passes over (query, response) batches: policy log-probs, critic values, reward-model scores.
 
 Layout of every batch: queries are left-padded to Lq, responses right-padded to T, concatenated as
-[query | response]. The logits that predict response token t sit at position Lq - 1 + t.
+[query | response]. The logits that predict response token t sit at position Lq - 1 + t, and so does the
+value V(s_t) of the state before token t.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ class Batch:
         """Index (within the response) of each response's last real token."""
         return (self.response_mask.sum(1) - 1).clamp(min=0)
 
+    def response_slice(self, per_position: torch.Tensor) -> torch.Tensor:
+        """The entries of a (B, Lq + T, ...) tensor at the positions that predict / evaluate response tokens."""
+        return per_position[:, self.query_ids.shape[1] - 1 : -1]
+
 
 def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """1 for tokens up to and including the first EOS, 0 after it (all 1 when there is no EOS)."""
@@ -46,30 +51,52 @@ def response_mask_from(response_ids: torch.Tensor, eos_token_id: int) -> torch.T
     return (~after_eos).long()
 
 
-def policy_logprobs(model, batch: Batch, temperature: float, with_entropy: bool = False):
+def head_on_every_position(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A sequence classifier's head applied at every position (B, L): values for a critic, scores for a reward model.
+
+    Runs the backbone and the `score` head directly: the classifier's own forward keeps only the last position.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+class PolicyAndCritic(torch.nn.Module):
+    """The two trainable models as one module. accelerate and DeepSpeed then run one engine with one optimizer (a
+    parameter group each, so the critic keeps its own learning rate), ZeRO-3 shards both, and one backward pass
+    serves the combined PPO loss."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+
+    @property
+    def config(self):  # what DeepSpeed/accelerate helpers read (hidden size)
+        return self.policy.config
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        """Policy logits (B, L, V) and critic values (B, L) of the same sequences."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        logits = self.policy(**inputs, use_cache=False).logits
+        return logits, head_on_every_position(self.critic, inputs)
+
+
+def response_logprobs(logits: torch.Tensor, batch: Batch, temperature: float, with_entropy: bool = False):
     """log pi(a_t | s_t) of the sampled response tokens (B, T), from logits / temperature; entropy optionally."""
-    query_length = batch.query_ids.shape[1]
-    logits = model(**batch.inputs(), use_cache=False).logits[:, query_length - 1 : -1] / temperature
+    logits = batch.response_slice(logits) / temperature
     logprobs = selective_log_softmax(logits, batch.response_ids)
     return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
 
 
-def _per_token_scores(model, batch: Batch) -> torch.Tensor:
-    """The classifier head applied at every position (B, L): values for a critic, scores for a reward model."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(**batch.inputs(), use_cache=False).last_hidden_state
-    return model.score(hidden).squeeze(-1)
-
-
-def critic_values(model, batch: Batch) -> torch.Tensor:
-    """V(s_t) for each response token (B, T): the critic's head on the state before token t."""
-    query_length = batch.query_ids.shape[1]
-    return _per_token_scores(model, batch)[:, query_length - 1 : -1]
+def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
+    """Response log-probs under a causal LM on its own (the frozen reference)."""
+    return response_logprobs(model(**batch.inputs(), use_cache=False).logits, batch, temperature)
 
 
 def reward_scores(model, batch: Batch) -> torch.Tensor:
     """The reward model's score of prompt + response, read at the response's last real token (B,)."""
     query_length = batch.query_ids.shape[1]
-    scores = _per_token_scores(model, batch)
+    scores = head_on_every_position(model, batch.inputs())
     rows = torch.arange(scores.shape[0], device=scores.device)
     return scores[rows, query_length + batch.last_index]

@@ -10,8 +10,10 @@ import copy
 import importlib
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +31,14 @@ from rlhf_cli.ppo.losses import (
     value_loss,
     whiten,
 )
-from rlhf_cli.ppo.rollout import Batch, critic_values, policy_logprobs, response_mask_from, reward_scores
+from rlhf_cli.ppo.rollout import (
+    Batch,
+    PolicyAndCritic,
+    policy_logprobs,
+    response_logprobs,
+    response_mask_from,
+    reward_scores,
+)
 from rlhf_cli.recipe import Recipe
 from rlhf_cli.rundir import METRICS_FILE, interrupt_callback, last_checkpoint
 
@@ -91,6 +100,18 @@ def check_same_vocabulary(tokenizer, other_path: str, what: str) -> None:
         raise UserError(f"{what} ({other_path}) has EOS {other.eos_token!r}, the policy {tokenizer.eos_token!r}.")
 
 
+def check_companion_tokenizers(tokenizer, recipe: Recipe) -> None:
+    """The reference, critic and reward model named in the recipe read the policy's token ids (each path once)."""
+    ppo = recipe.ppo
+    others = {}
+    for what, path in (("ppo.ref_model", ppo.ref_model), ("ppo.value_model", ppo.value_model),
+                       ("ppo.reward.model", ppo.reward.model)):  # fmt: skip
+        if path:
+            others.setdefault(path, what)
+    for path, what in others.items():
+        check_same_vocabulary(tokenizer, path, what)
+
+
 def encode_prompts(dataset, tokenizer, max_length: int) -> list[list[int]]:
     """Token ids of every prompt (chat template with the generation prompt for message lists), left-truncated."""
     encoded = []
@@ -126,81 +147,175 @@ def prompt_indices(step: int, per_process: int, num_processes: int, process_inde
     return indices
 
 
+def minibatch_order(rows: int, seed: int, step: int, epoch: int) -> torch.Tensor:
+    """A seeded shuffle of the rollout's rows for one PPO epoch: a pure function of (seed, step, epoch), so a resumed
+    run shuffles exactly as an uninterrupted one."""
+    import numpy as np
+
+    entropy = int(np.random.SeedSequence([seed, step, epoch]).generate_state(1)[0])
+    return torch.randperm(rows, generator=torch.Generator().manual_seed(entropy))
+
+
+@dataclass
+class PhaseTimer:
+    """Wall seconds per phase of one step (generate / forward / train), synchronised with the GPU when there is one."""
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, phase: str):
+        self._sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 class PPOTrainer:
     def __init__(self, recipe: Recipe, run_dir: Path, prompts, *, precision: dict):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+        self.recipe, self.run_dir = recipe, run_dir
+        self.config = config = PPOConfig(**recipe.training)
+        # Under `accelerate launch` with DeepSpeed, cpu=True would switch DeepSpeed off; on a CPU-only machine
+        # DeepSpeed instead needs the gloo backend named, or accelerate counts one process where there are several.
+        with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        on_cpu = precision.get("use_cpu", False)
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if with_deepspeed and on_cpu else []
+        self.accelerator = acc = Accelerator(cpu=on_cpu and not with_deepspeed, kwargs_handlers=handlers,
+                                             mixed_precision="bf16" if precision.get("bf16") else "no",
+                                             gradient_accumulation_steps=config.gradient_accumulation_steps)  # fmt: skip
+        set_seed(recipe.seed)
+        plugin = acc.state.deepspeed_plugin
+        self.zero3 = plugin is not None and plugin.zero_stage == 3
+
+        self.rule = load_rule_reward(recipe.ppo.reward.function) if recipe.ppo.reward.function else None
+        self.tokenizer, policy, critic, self.ref, self.reward_model = self._load_models(prompts)
+        optimizer = torch.optim.AdamW(
+            [{"params": policy.parameters(), "lr": config.learning_rate},
+             {"params": critic.parameters(), "lr": config.critic_learning_rate or config.learning_rate}],
+            eps=1e-5,
+        )  # fmt: skip
+        updates_per_step = config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
+        total_updates = max(config.steps * updates_per_step, 1)
+        # Stepped by hand once per optimizer step (accelerate would step a prepared scheduler once per process).
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda update: 1.0 if config.lr_schedule == "constant" else max(0.0, 1 - update / total_updates)
+        )
+        self.model, self.optimizer = acc.prepare(PolicyAndCritic(policy, critic), optimizer)
+        self.ref = self._prepare_frozen(self.ref)
+        self.reward_model = self._prepare_frozen(self.reward_model)
+        self.state = PPOState(beta=config.kl_coef)
+        acc.register_for_checkpointing(self.state)
+        acc.register_for_checkpointing(self.scheduler)
+
+        self.prompt_texts = prompts["prompt"]
+        self.prompt_ids = encode_prompts(prompts, self.tokenizer, recipe.data.max_length)
+        self.timer = PhaseTimer(acc.device)  # a fresh one each step
+
+    def _load_models(self, prompts):
+        """Tokenizer, policy, critic, reference and reward model. Frozen copies come from memory when they start
+        from the same weights, so no model is read twice; under ZeRO-3 each is loaded already sharded instead."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
         from trl.trainer.utils import disable_dropout_in_model
 
         from rlhf_cli.models import load_model, load_tokenizer, resolve_model_path
 
-        self.recipe, self.run_dir = recipe, run_dir
-        self.config = config = PPOConfig(**recipe.training)
-        self.accelerator = Accelerator(cpu=precision.get("use_cpu", False),
-                                       mixed_precision="bf16" if precision.get("bf16") else "no")  # fmt: skip
-        set_seed(recipe.seed)
+        spec, ppo, config = self.recipe.model, self.recipe.ppo, self.config
+        policy_path = resolve_model_path(spec, self.recipe.seed)
+        tokenizer = load_tokenizer(spec, policy_path, conversational=isinstance(prompts[0]["prompt"], list))
+        check_companion_tokenizers(tokenizer, self.recipe)
 
-        spec, ppo = recipe.model, recipe.ppo
-        self.rule = load_rule_reward(ppo.reward.function) if ppo.reward.function else None  # fail before loading
-        policy_path = resolve_model_path(spec, recipe.seed)
-        self.tokenizer = load_tokenizer(spec, policy_path, conversational=isinstance(prompts[0]["prompt"], list))
-        others = {}  # path -> recipe key; a path named twice is checked once
-        for what, path in (("ppo.ref_model", ppo.ref_model), ("ppo.value_model", ppo.value_model),
-                           ("ppo.reward.model", ppo.reward.model)):  # fmt: skip
-            if path:
-                others[path] = what
-        for path, what in others.items():
-            check_same_vocabulary(self.tokenizer, path, what)
+        def copy_or_load(model, load):
+            return load() if self.zero3 else copy.deepcopy(model)
 
-        self.policy = load_model(spec, policy_path, "causal_lm", self.tokenizer)
-        # Frozen copies come from memory when they start from the same weights: no model is read twice.
-        self.ref = (copy.deepcopy(self.policy) if not ppo.ref_model
-                    else AutoModelForCausalLM.from_pretrained(ppo.ref_model))  # fmt: skip
-        self.reward_model = None
-        if ppo.reward.model:
-            self.reward_model = AutoModelForSequenceClassification.from_pretrained(ppo.reward.model, num_labels=1)
-        value_path = ppo.value_model or ppo.reward.model
-        if value_path and value_path == ppo.reward.model:
-            self.critic = copy.deepcopy(self.reward_model)
+        policy = load_model(spec, policy_path, "causal_lm", tokenizer)
+        if ppo.ref_model:
+            ref = AutoModelForCausalLM.from_pretrained(ppo.ref_model)
         else:
-            self.critic = AutoModelForSequenceClassification.from_pretrained(value_path or policy_path, num_labels=1)
-        self.critic.config.pad_token_id = self.tokenizer.pad_token_id
-        for model in (self.policy, self.ref, self.critic, self.reward_model):
+            ref = copy_or_load(policy, lambda: load_model(spec, policy_path, "causal_lm", tokenizer))
+        reward_model = None
+        if ppo.reward.model:
+            reward_model = AutoModelForSequenceClassification.from_pretrained(ppo.reward.model, num_labels=1)
+        value_path = ppo.value_model or ppo.reward.model
+        if value_path is None:  # no reward model to start from (rule reward): the policy's body, a fresh value head
+            critic = load_model(spec, policy_path, "reward", tokenizer)
+        elif reward_model is not None and value_path == ppo.reward.model:
+            critic = copy_or_load(reward_model, lambda: AutoModelForSequenceClassification.from_pretrained(
+                value_path, num_labels=1))  # fmt: skip
+        else:
+            critic = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1)
+        critic.config.pad_token_id = tokenizer.pad_token_id
+        for model in (policy, ref, critic, reward_model):
             if model is not None:
                 disable_dropout_in_model(model)  # PPO's ratio compares two forward passes: they must agree
-        for frozen in (self.ref, self.reward_model):
+        for frozen in (ref, reward_model):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
+        if config.gradient_checkpointing:
+            for model in (policy, critic):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return tokenizer, policy, critic, ref, reward_model
 
-        policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=config.learning_rate, eps=1e-5)
-        critic_opt = torch.optim.AdamW(self.critic.parameters(), eps=1e-5,
-                                       lr=config.critic_learning_rate or config.learning_rate)  # fmt: skip
-        acc = self.accelerator
-        self.policy, self.policy_opt, self.critic, self.critic_opt = acc.prepare(
-            self.policy, policy_opt, self.critic, critic_opt
-        )
-        self.ref = self.ref.to(acc.device)
-        if self.reward_model is not None:
-            self.reward_model = self.reward_model.to(acc.device)
-        self.state = PPOState(beta=config.kl_coef)
-        acc.register_for_checkpointing(self.state)
+    def _prepare_frozen(self, model):
+        """Frozen models join the DeepSpeed run as inference engines (sharded under ZeRO-3), else sit on the device."""
+        if model is None:
+            return None
+        if self.accelerator.state.deepspeed_plugin is not None:
+            from trl.models.utils import prepare_deepspeed
 
-        self.prompt_texts = prompts["prompt"]
-        self.prompt_ids = encode_prompts(prompts, self.tokenizer, recipe.data.max_length)
-        self.generator = torch.Generator(device="cpu").manual_seed(recipe.seed + acc.process_index)
+            return prepare_deepspeed(model, self.accelerator)
+        return model.to(self.accelerator.device)
 
     # ------------------------------------------------------------ one PPO iteration
+
+    @contextmanager
+    def _policy_for_generation(self):
+        """The bare policy for `generate`. Under ZeRO-3 its parameters are gathered once for the whole generation
+        (and the engine's per-module gather hooks lifted), not fetched again for every new token."""
+        from trl.models.utils import add_hooks, remove_hooks
+
+        policy = self.accelerator.unwrap_model(self.model).policy
+        checkpointing = policy.is_activation_checkpointing
+        if checkpointing:  # it would turn the KV cache off
+            policy.gradient_checkpointing_disable()
+        try:
+            if self.zero3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+                    remove_hooks(self.model)
+                    try:
+                        yield policy
+                    finally:
+                        add_hooks(self.model)
+            else:
+                yield policy
+        finally:
+            if checkpointing:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _chunks(self, rows: int):
+        size = self.config.mini_batch_size // self.config.gradient_accumulation_steps
+        return [torch.arange(start, min(start + size, rows), device=self.accelerator.device)
+                for start in range(0, rows, size)]  # fmt: skip
 
     @torch.no_grad()
     def rollout(self, indices: list[int]) -> tuple[Batch, dict[str, torch.Tensor]]:
         """Sample responses, then score them and compute old log-probs, reference log-probs and values once."""
-        from trl.models.utils import unwrap_model_for_generation
-
         cfg, tok, acc = self.config, self.tokenizer, self.accelerator
+        timer = self.timer
         query_ids, query_mask = left_pad([self.prompt_ids[i] for i in indices], tok.pad_token_id, acc.device)
-        with unwrap_model_for_generation(self.policy, acc) as unwrapped:  # ZeRO-3: gather once, not per token
-            output = unwrapped.generate(
+        with timer("generate"), self._policy_for_generation() as policy:
+            output = policy.generate(
                 input_ids=query_ids, attention_mask=query_mask, max_new_tokens=cfg.response_length,
                 do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
@@ -210,21 +325,27 @@ class PPOTrainer:
         response_ids = response_ids.masked_fill(response_mask == 0, tok.pad_token_id)
         batch = Batch(query_ids, query_mask, response_ids, response_mask)
 
-        logprobs = policy_logprobs(self.policy, batch, cfg.temperature)
-        ref_logprobs = policy_logprobs(self.ref, batch, cfg.temperature)
-        values = critic_values(self.critic, batch)
-        if self.reward_model is not None:
-            scores = reward_scores(self.reward_model, batch).float()
-        else:
-            completions = tok.batch_decode(response_ids, skip_special_tokens=True)
-            prompts = [self.prompt_texts[i] for i in indices]
-            scores = torch.tensor(self.rule(prompts, completions), dtype=torch.float, device=acc.device)
-        has_eos = (response_ids == tok.eos_token_id).any(1)
-        return batch, {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "values": values, "scores": scores,
-                       "has_eos": has_eos}  # fmt: skip
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "scores": []}
+        with timer("forward"):
+            for chunk in self._chunks(len(indices)):  # bounded memory: logits are (rows, length, vocab)
+                sub = batch.select(chunk)
+                logits, values = self.model(**sub.inputs())
+                parts["logprobs"].append(response_logprobs(logits, sub, cfg.temperature))
+                parts["values"].append(sub.response_slice(values))
+                parts["ref_logprobs"].append(policy_logprobs(self.ref, sub, cfg.temperature))
+                if self.reward_model is not None:
+                    parts["scores"].append(reward_scores(self.reward_model, sub).float())
+            rollout = {key: torch.cat(values) for key, values in parts.items() if values}
+            if self.reward_model is None:
+                completions = tok.batch_decode(response_ids, skip_special_tokens=True)
+                prompts = [self.prompt_texts[i] for i in indices]
+                rollout["scores"] = torch.tensor(self.rule(prompts, completions), dtype=torch.float, device=acc.device)
+        rollout["has_eos"] = (response_ids == tok.eos_token_id).any(1)
+        return batch, rollout
 
     def step(self, indices: list[int]) -> tuple[dict[str, float], Batch, torch.Tensor]:
         cfg, acc, state = self.config, self.accelerator, self.state
+        self.timer = PhaseTimer(acc.device)
         batch, roll = self.rollout(indices)
         mask = batch.response_mask.float()
 
@@ -234,7 +355,7 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             scores = scores - cfg.missing_eos_penalty * (~roll["has_eos"]).float()
         if cfg.normalize_rewards:
-            state.update_scores(acc.gather(scores).cpu())
+            state.update_scores(self.gather(scores).cpu())
             scores = scores / state.score_std
         if cfg.reward_clip is not None:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -247,48 +368,28 @@ class PPOTrainer:
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
 
-        # K epochs of minibatch updates on this rollout
+        # K epochs of minibatch updates on this rollout; each minibatch is one optimizer step
         stats: dict[str, list[float]] = {key: [] for key in
                                          ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl",
-                                          "entropy", "ratio")}  # fmt: skip
+                                          "entropy", "ratio", "grad_norm")}  # fmt: skip
         rows = batch.query_ids.shape[0]
-        for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(rows, generator=self.generator)
-            for start in range(0, rows, cfg.mini_batch_size):
-                index = order[start : start + cfg.mini_batch_size].to(acc.device)
-                mini, mini_mask = batch.select(index), mask[index]
-
-                new_logprobs, entropy = policy_logprobs(self.policy, mini, cfg.temperature, with_entropy=True)
-                pg_loss, pg_stats = policy_loss(new_logprobs, roll["logprobs"][index], advantages[index],
-                                                mini_mask, cfg.cliprange)  # fmt: skip
-                mean_entropy = masked_mean(entropy, mini_mask)
-                acc.backward(pg_loss - cfg.entropy_coef * mean_entropy)
-                acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                self.policy_opt.step()
-                self.policy_opt.zero_grad()
-
-                new_values = critic_values(self.critic, mini)
-                vf_loss, vf_stats = value_loss(new_values, roll["values"][index], returns[index], mini_mask,
-                                               cfg.cliprange_value)  # fmt: skip
-                acc.backward(cfg.vf_coef * vf_loss)
-                acc.clip_grad_norm_(self.critic.parameters(), cfg.max_grad_norm)
-                self.critic_opt.step()
-                self.critic_opt.zero_grad()
-
-                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", mean_entropy),
-                                   *pg_stats.items(), *vf_stats.items()):  # fmt: skip
-                    stats[key].append(value.item())
-            if cfg.early_stop_kl is not None and sum(stats["approx_kl"]) / len(stats["approx_kl"]) > cfg.early_stop_kl:
-                break
+        with self.timer("train"):
+            for epoch in range(cfg.ppo_epochs):
+                order = minibatch_order(rows, self.recipe.seed, state.step, epoch).to(acc.device)
+                for micro in order.split(cfg.mini_batch_size // cfg.gradient_accumulation_steps):
+                    self._update(batch.select(micro), mask[micro], roll["logprobs"][micro], roll["values"][micro],
+                                 advantages[micro], returns[micro], stats)  # fmt: skip
+                if cfg.early_stop_kl is not None and sum(stats["approx_kl"]) / len(stats["approx_kl"]) > cfg.early_stop_kl:
+                    break
 
         # KL controller (Ziegler et al. 2019): nudge beta toward the target KL per response
-        kl_per_response = acc.gather(kl.sum(1)).mean().item()
+        kl_per_response = self.gather(kl.sum(1)).mean().item()
         if cfg.target_kl is not None:
             state.beta = adaptive_kl_beta(state.beta, kl_per_response, cfg.target_kl, cfg.kl_horizon,
                                           rows * acc.num_processes)  # fmt: skip
 
         def mean(tensor):
-            return acc.gather(tensor.float()).mean().item()
+            return self.gather(tensor.float()).mean().item()
 
         metrics = {
             "score": mean(raw_scores),
@@ -299,9 +400,45 @@ class PPOTrainer:
             "response_length": mean(batch.response_mask.sum(1)),
             "eos_rate": mean(roll["has_eos"]),
             "explained_variance": explained_variance(roll["values"], returns, mask).item(),
+            "learning_rate": self.scheduler.get_last_lr()[0],
             **{key: sum(values) / len(values) for key, values in stats.items() if values},
+            **{f"time_{phase}": round(seconds, 4) for phase, seconds in self.timer.seconds.items()},
         }
         return metrics, batch, raw_scores
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate a per-row tensor from every process. (accelerate's gather uses all_gather_into_tensor under
+        DeepSpeed, which the CPU backend, gloo, lacks; the list form works on every backend.)"""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(self.accelerator.num_processes)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def _update(self, mini: Batch, mask, old_logprobs, old_values, advantages, returns, stats) -> None:
+        """One micro-batch: loss = L_clip(policy) - c_e * entropy + c_v * L_value(critic), one backward pass;
+        the optimizer steps once per minibatch (after `gradient_accumulation_steps` micro-batches)."""
+        cfg, acc = self.config, self.accelerator
+        with acc.accumulate(self.model):
+            logits, values = self.model(**mini.inputs())
+            new_logprobs, entropy = response_logprobs(logits, mini, cfg.temperature, with_entropy=True)
+            pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, advantages, mask, cfg.cliprange)
+            vf_loss, vf_stats = value_loss(mini.response_slice(values), old_values, returns, mask, cfg.cliprange_value)
+            mean_entropy = masked_mean(entropy, mask)
+            acc.backward(pg_loss - cfg.entropy_coef * mean_entropy + cfg.vf_coef * vf_loss)
+            if acc.sync_gradients:
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if grad_norm is not None:
+                    stats["grad_norm"].append(float(grad_norm))
+            self.optimizer.step()
+            if acc.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad()
+        for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", mean_entropy),
+                           *pg_stats.items(), *vf_stats.items()):  # fmt: skip
+            stats[key].append(value.item())
 
     # ------------------------------------------------------------ the loop
 
@@ -373,10 +510,13 @@ class PPOTrainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        acc.unwrap_model(self.policy).save_pretrained(self.run_dir, is_main_process=acc.is_main_process,
-                                                      state_dict=acc.get_state_dict(self.policy))  # fmt: skip
-        acc.unwrap_model(self.critic).save_pretrained(self.run_dir / "critic", is_main_process=acc.is_main_process,
-                                                      state_dict=acc.get_state_dict(self.critic))  # fmt: skip
+        full_state = acc.get_state_dict(self.model)  # every rank takes part; under ZeRO-3 only rank 0 gets weights
+        both = acc.unwrap_model(self.model)
+        for name, model, directory in (("policy", both.policy, self.run_dir), ("critic", both.critic,
+                                                                                 self.run_dir / "critic")):  # fmt: skip
+            prefix = f"{name}."
+            own = {key[len(prefix):]: value for key, value in (full_state or {}).items() if key.startswith(prefix)}
+            model.save_pretrained(directory, is_main_process=acc.is_main_process, state_dict=own)
         if acc.is_main_process:
             self.tokenizer.save_pretrained(self.run_dir)
             history = [json.loads(line) for line in (self.run_dir / METRICS_FILE).read_text().splitlines()]

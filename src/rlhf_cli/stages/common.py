@@ -73,6 +73,15 @@ def show_dry_run(stage: Stage, plan: LaunchPlan, config_kwargs: dict) -> None:
     console = Console()
     console.print(f"[bold]{stage.title}[/] — trl.{stage.config_class} (keys set by the recipe and the CLI):")
     console.print(Syntax(yaml.safe_dump(config_kwargs, sort_keys=True), "yaml"))
+    show_launch(plan)
+
+
+def show_launch(plan: LaunchPlan) -> None:
+    """The launch part of a dry run: how it would start, with the accelerate and DeepSpeed files."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    console = Console()
     if plan.distributed:
         console.print(f"[bold]Launch:[/] accelerate launch, {plan.num_processes} processes")
         console.print("[bold]accelerate_config.yaml:[/]")

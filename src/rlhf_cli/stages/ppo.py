@@ -9,7 +9,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE, Hardware, plan_launch
 from rlhf_cli.recipe import Recipe, recipe_to_yaml
 from rlhf_cli.rundir import check_run_dir, prepare_run_dir
-from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
+from rlhf_cli.stages.common import launch_distributed, quiet_hf_progress_bars, resolve_run_dir, show_launch
 
 
 def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, dry_run=False, cli_argv=None) -> int:
@@ -19,11 +19,6 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
 
     run_dir = resolve_run_dir(recipe, output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
-    if recipe.distributed.strategy != "none":
-        raise UserError(
-            "rlhf ppo runs in one process for now (distributed.strategy: none); multi-process PPO under "
-            "accelerate/DeepSpeed is not available yet."
-        )
     try:
         config = PPOConfig(**recipe.training)
     except ValueError as exc:
@@ -37,16 +32,23 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
         console.print("[bold]PPO[/] — rlhf_cli.ppo.PPOConfig:")
         console.print(yaml.safe_dump(asdict(config), sort_keys=False), markup=False)
         console.print(yaml.safe_dump({"ppo": recipe.ppo.model_dump()}, sort_keys=False), markup=False)
-        console.print("[bold]Launch:[/] in this process\n[bold]Command:[/]")
-        console.print(plan.command_line(), markup=False, highlight=False, soft_wrap=True)
-        console.print("[dim]Dry run: nothing was started or written.[/]")
+        show_launch(plan)
         return 0
     check_run_dir(run_dir, overwrite=overwrite, resume=resume)
 
-    from rlhf_cli.data import load_data
-
     quiet_hf_progress_bars()
-    prompts = load_data(recipe.data.train, "prompt", what="data.train")
+    prompts = load_ppo_prompts(recipe)
+    if plan.distributed:
+        from rlhf_cli.models import load_tokenizer, resolve_model_path
+        from rlhf_cli.ppo.trainer import check_companion_tokenizers, load_rule_reward
+
+        # What can be checked without loading weights is checked here, before any process starts.
+        if recipe.ppo.reward.function:
+            load_rule_reward(recipe.ppo.reward.function)
+        tokenizer = load_tokenizer(recipe.model, resolve_model_path(recipe.model, recipe.seed),
+                                   conversational=isinstance(prompts[0]["prompt"], list))  # fmt: skip
+        check_companion_tokenizers(tokenizer, recipe)
+        return launch_distributed(recipe, plan, run_dir, clear=overwrite)
 
     from rlhf_cli.ppo.trainer import PPOTrainer
 
@@ -54,4 +56,19 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
     # Every input is good: from here on the run directory is written.
     prepare_run_dir(run_dir, clear=overwrite)
     (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    return trainer.train(resume=resume)
+
+
+def load_ppo_prompts(recipe: Recipe):
+    from rlhf_cli.data import load_data
+
+    return load_data(recipe.data.train, "prompt", what="data.train")
+
+
+def run_ppo_worker(recipe: Recipe, run_dir, plan, *, resume: bool) -> int:
+    """One process of a distributed PPO run (under `accelerate launch`); the parent checked everything."""
+    from rlhf_cli.ppo.trainer import PPOTrainer
+
+    quiet_hf_progress_bars()
+    trainer = PPOTrainer(recipe, run_dir, load_ppo_prompts(recipe), precision=plan.precision)
     return trainer.train(resume=resume)
