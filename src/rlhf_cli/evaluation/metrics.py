@@ -1,0 +1,309 @@
+"""Evaluation metrics as pure functions of plain numbers, each with the definition it computes.
+
+Inputs are Python sequences or numpy arrays; outputs are Python floats, ints, None or dicts of them, so every
+result can go straight into `eval.json`. The dict-returning functions produce the sections documented in
+`rlhf_cli.evaluation.report`.
+
+Notation:
+    s_c(i), s_r(i)    reward-model scores of the chosen / rejected response of preference pair i
+    l_c(i), l_r(i)    their lengths in tokens
+    [condition]       1 when the condition holds, else 0 (Iverson bracket)
+    N                 number of pairs / samples
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+# Two-sided 95% normal quantile, z = Phi^-1(0.975).
+Z_95 = 1.959963984540054
+
+
+def finite_or_none(value) -> float | None:
+    """`value` as a float when it is a finite real number (not a bool), else None: how metric records are read."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _as_array(values, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=float).reshape(-1)
+    if array.size == 0:
+        raise ValueError(f"{name} is empty: there is nothing to evaluate.")
+    return array
+
+
+def _paired(first, second, first_name: str, second_name: str) -> tuple[np.ndarray, np.ndarray]:
+    a, b = _as_array(first, first_name), _as_array(second, second_name)
+    if a.shape != b.shape:
+        raise ValueError(f"{first_name} has {a.size} values but {second_name} has {b.size}; they must be paired.")
+    return a, b
+
+
+def _preference_credit(preferred: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """1 where `preferred` scores higher, 0.5 on a tie, 0 where it scores lower."""
+    return (preferred > other) + 0.5 * (preferred == other)
+
+
+# ---------------------------------------------------------------- reward model on preference pairs
+
+
+def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
+    """acc = (1/N) sum_i ( [s_c(i) > s_r(i)] + 0.5 [s_c(i) = s_r(i)] )   (a tie is a coin flip: half credit)."""
+    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    return float(_preference_credit(chosen, rejected).mean())
+
+
+def mean_margin(chosen_scores, rejected_scores) -> float:
+    """margin = (1/N) sum_i (s_c(i) - s_r(i)); positive when the reward model agrees with the labels on average."""
+    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    return float((chosen - rejected).mean())
+
+
+def calibration_by_gap(chosen_scores, rejected_scores, buckets: int = 4) -> list[dict]:
+    """Accuracy as a function of confidence, with confidence = the absolute score gap g_i = |s_c(i) - s_r(i)|.
+
+    Pairs are sorted by g_i and split into `buckets` equal-count (quantile) groups, as equal in size as possible
+    (fewer groups when there are fewer pairs than buckets). Each group reports
+        {"low": min g_i, "high": max g_i, "count": pairs, "accuracy": pairwise_accuracy over the group}.
+    A calibrated Bradley-Terry model, P(chosen wins) = sigmoid(s_c - s_r), is right more often on wider gaps:
+    accuracy should rise from the first bucket to the last.
+    """
+    if buckets < 1:
+        raise ValueError(f"buckets must be at least 1, got {buckets}.")
+    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    gaps = np.abs(chosen - rejected)
+    order = np.argsort(gaps, kind="stable")
+    groups = [group for group in np.array_split(order, min(buckets, gaps.size)) if group.size]
+    return [
+        {
+            "low": float(gaps[group].min()),
+            "high": float(gaps[group].max()),
+            "count": int(group.size),
+            "accuracy": float(_preference_credit(chosen[group], rejected[group]).mean()),
+        }
+        for group in groups
+    ]
+
+
+def length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) -> float | None:
+    """Fraction of pairs in which the reward model prefers the longer response, over pairs whose lengths differ:
+
+        bias = (1/|D|) sum_{i in D} ( [s_long(i) > s_short(i)] + 0.5 [s_long(i) = s_short(i)] ),
+        D = {i : l_c(i) != l_r(i)}
+
+    0.5 means length does not sway the model; near 1 it rewards verbosity. None when every pair has equal lengths.
+    """
+    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    chosen_len, rejected_len = _paired(chosen_lengths, rejected_lengths, "chosen_lengths", "rejected_lengths")
+    if chosen_len.shape != chosen.shape:
+        raise ValueError(f"{chosen.size} score pairs but {chosen_len.size} length pairs; they must be paired.")
+    differ = chosen_len != rejected_len
+    if not differ.any():
+        return None
+    chosen_is_longer = chosen_len > rejected_len
+    longer_score = np.where(chosen_is_longer, chosen, rejected)[differ]
+    shorter_score = np.where(chosen_is_longer, rejected, chosen)[differ]
+    return float(_preference_credit(longer_score, shorter_score).mean())
+
+
+def accuracy_when_shorter_chosen(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) -> float | None:
+    """Pairwise accuracy over the pairs S = {i : l_c(i) < l_r(i)}, where the labellers chose the shorter response.
+
+    A model that merely rewards length scores low here although its overall accuracy looks fine.
+    None when there is no such pair.
+    """
+    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    chosen_len, rejected_len = _paired(chosen_lengths, rejected_lengths, "chosen_lengths", "rejected_lengths")
+    if chosen_len.shape != chosen.shape:
+        raise ValueError(f"{chosen.size} score pairs but {chosen_len.size} length pairs; they must be paired.")
+    shorter_chosen = chosen_len < rejected_len
+    if not shorter_chosen.any():
+        return None
+    return float(_preference_credit(chosen[shorter_chosen], rejected[shorter_chosen]).mean())
+
+
+def reward_model_metrics(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths, buckets: int = 4) -> dict:
+    """The `reward_model` section of the report: every reward-model metric above for one set of preference pairs."""
+    return {
+        "num_pairs": len(_as_array(chosen_scores, "chosen_scores")),
+        "accuracy": pairwise_accuracy(chosen_scores, rejected_scores),
+        "mean_margin": mean_margin(chosen_scores, rejected_scores),
+        "calibration": calibration_by_gap(chosen_scores, rejected_scores, buckets),
+        "length_bias": length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths),
+        "accuracy_shorter_chosen": accuracy_when_shorter_chosen(
+            chosen_scores, rejected_scores, chosen_lengths, rejected_lengths
+        ),
+    }
+
+
+# ---------------------------------------------------------------- policy against reference
+
+
+def wilson_interval(successes: float, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion p_hat = successes / n (Wilson 1927):
+
+        centre    = (p_hat + z^2 / (2n)) / (1 + z^2 / n)
+        halfwidth = z / (1 + z^2 / n) * sqrt( p_hat (1 - p_hat) / n + z^2 / (4 n^2) )
+        interval  = [centre - halfwidth, centre + halfwidth]
+
+    z = 1.96 gives 95%. Unlike the normal (Wald) interval it stays inside [0, 1] and does not collapse to a point
+    at p_hat = 0 or 1, which matters for the small sample counts of an evaluation run. `successes` may be
+    fractional (ties counted as half a win).
+    """
+    if trials <= 0:
+        raise ValueError(f"trials must be positive, got {trials}.")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must lie in [0, {trials}], got {successes}.")
+    p_hat = successes / trials
+    z2_over_n = z * z / trials
+    centre = (p_hat + z2_over_n / 2) / (1 + z2_over_n)
+    halfwidth = z / (1 + z2_over_n) * math.sqrt(p_hat * (1 - p_hat) / trials + z2_over_n / (4 * trials))
+    # Clamp rounding noise only: mathematically the interval already lies within [0, 1].
+    return max(0.0, centre - halfwidth), min(1.0, centre + halfwidth)
+
+
+def win_rate(policy_scores, reference_scores) -> dict:
+    """Win rate of the policy over the reference on the same prompts, with a 95% Wilson interval:
+
+        win_rate = (wins + 0.5 ties) / N,   wins = #{i : s_pi(i) > s_ref(i)},   ties = #{i : s_pi(i) = s_ref(i)}
+
+    Returns {"win_rate", "wins", "ties", "losses", "n", "ci_low", "ci_high", "confidence"}.
+    """
+    policy, reference = _paired(policy_scores, reference_scores, "policy_scores", "reference_scores")
+    wins, ties = int((policy > reference).sum()), int((policy == reference).sum())
+    n = policy.size
+    ci_low, ci_high = wilson_interval(wins + 0.5 * ties, n)
+    return {
+        "win_rate": (wins + 0.5 * ties) / n,
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "n": n,
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "confidence": 0.95,
+    }
+
+
+def summarize(values) -> dict:
+    """{"mean", "std", "min", "max", "count"} of a set of scores; std is the population one, sqrt((1/N) sum (x - mean)^2)."""
+    array = _as_array(values, "values")
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std()),
+        "min": float(array.min()),
+        "max": float(array.max()),
+        "count": int(array.size),
+    }
+
+
+def sampled_kl(policy_logprob_sums, reference_logprob_sums) -> dict:
+    """Monte-Carlo KL(pi || pi_ref) per response from responses y_i ~ pi:
+
+        d_i = sum_t ( log pi(y_i,t | x_i, y_i,<t) - log pi_ref(y_i,t | x_i, y_i,<t) )      (summed per sequence)
+        KL ~= (1/N) sum_i d_i,     stderr = std(d, ddof=1) / sqrt(N)
+
+    Inputs are the per-sequence sums of token log-probs under each model. The estimate is unbiased but can come
+    out negative on few samples; stderr says how far to trust it (None with a single sample).
+    """
+    policy, reference = _paired(policy_logprob_sums, reference_logprob_sums, "policy_logprob_sums",
+                                "reference_logprob_sums")  # fmt: skip
+    differences = policy - reference
+    stderr = float(differences.std(ddof=1) / math.sqrt(differences.size)) if differences.size > 1 else None
+    return {"kl": float(differences.mean()), "stderr": stderr, "count": int(differences.size)}
+
+
+# ---------------------------------------------------------------- text statistics over token lists
+
+
+def _ngrams(tokens: Sequence[Hashable], n: int) -> list[tuple]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(responses: Sequence[Sequence[Hashable]], n: int) -> float:
+    """distinct-n = |unique n-grams over all responses| / |n-grams over all responses|  (Li et al. 2016).
+
+    Pooled over the whole set, so a policy that gives every prompt the same answer scores low even when each
+    answer is varied inside. 0.0 when no response is n tokens long.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}.")
+    all_ngrams = [gram for tokens in responses for gram in _ngrams(tokens, n)]
+    return len(set(all_ngrams)) / len(all_ngrams) if all_ngrams else 0.0
+
+
+def repetition_rate(responses: Sequence[Sequence[Hashable]], n: int = 3) -> float:
+    """Fraction of responses in which some n-gram occurs at least twice:
+
+        rep_n = (1/N) sum_i [ max_g count_i(g) >= 2 ],   g ranging over the n-grams of response i
+
+    With n = 3, "the cat sat the cat sat" repeats "the cat sat" and counts; a response shorter than n does not.
+    Looping degenerate text ("I I I I ...") is a common sign of reward hacking or collapsed sampling.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}.")
+    if len(responses) == 0:
+        raise ValueError("responses is empty: there is nothing to evaluate.")
+    repeats = [any(count >= 2 for count in Counter(_ngrams(tokens, n)).values()) for tokens in responses]
+    return sum(repeats) / len(repeats)
+
+
+def eos_rate(responses: Sequence[Sequence[Hashable]], eos_token_id: Hashable) -> float:
+    """Fraction of responses containing the EOS token: (1/N) sum_i [eos in y_i].
+
+    A response without EOS was cut at the generation limit rather than finished by the model.
+    """
+    if len(responses) == 0:
+        raise ValueError("responses is empty: there is nothing to evaluate.")
+    return sum(eos_token_id in list(tokens) for tokens in responses) / len(responses)
+
+
+def mean_length(responses: Sequence[Sequence[Hashable]]) -> float:
+    """(1/N) sum_i |y_i|, in tokens."""
+    if len(responses) == 0:
+        raise ValueError("responses is empty: there is nothing to evaluate.")
+    return sum(len(tokens) for tokens in responses) / len(responses)
+
+
+def diversity_metrics(responses: Sequence[Sequence[Hashable]], eos_token_id: Hashable | None = None) -> dict:
+    """One model's entry in the `diversity` section: distinct-1, distinct-2, 3-gram repetition rate, EOS rate
+    (None without an `eos_token_id`) and mean length of its responses."""
+    return {
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+        "repetition_rate": repetition_rate(responses, 3),
+        "eos_rate": None if eos_token_id is None else eos_rate(responses, eos_token_id),
+        "mean_length": mean_length(responses),
+    }
+
+
+# ---------------------------------------------------------------- likelihood and correlation
+
+
+def perplexity(total_nll: float, token_count: int) -> float:
+    """PPL = exp( total_nll / token_count ), total_nll = -sum over all tokens of log p(token | prefix), in nats."""
+    if token_count <= 0:
+        raise ValueError(f"token_count must be positive, got {token_count}.")
+    return math.exp(total_nll / token_count)
+
+
+def pearson(x, y) -> float:
+    """r = sum_i (x_i - mean x)(y_i - mean y) / sqrt( sum_i (x_i - mean x)^2 * sum_i (y_i - mean y)^2 ).
+
+    0.0 when either side is constant (r is undefined there, and "no linear relation" is the safe reading for an
+    alarm) or when there are fewer than two points.
+    """
+    a, b = _paired(x, y, "x", "y")
+    # Test constancy on the raw values: deviations from a float mean of equal values can be tiny but non-zero.
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    da, db = a - a.mean(), b - b.mean()
+    denominator = math.sqrt(float((da * da).sum()) * float((db * db).sum()))
+    # Rounding can push |r| a hair past 1 for perfectly linear data.
+    return max(-1.0, min(1.0, float((da * db).sum()) / denominator))

@@ -1,0 +1,240 @@
+"""The evaluation report: `eval.json` (every number, for machines) and `report.md` (tables, for people).
+
+`write_report(out_dir, results, samples)` takes the `results` dict below. Every top-level section is optional:
+a reward-model-only evaluation passes just `reward_model`, a policy evaluation leaves it out. The section dicts
+are exactly what the functions in `rlhf_cli.evaluation.metrics` return, so a stage assembles them directly.
+
+    results = {
+        "meta": {str: str | int | float},        # free-form run facts: policy, reference, reward_model, dataset ...
+        "reward_model": {                        # metrics.reward_model_metrics(...)
+            "num_pairs": int,
+            "accuracy": float,                   # pairwise accuracy, ties count half
+            "mean_margin": float,                # mean of s_chosen - s_rejected
+            "calibration": [{"low": float, "high": float, "count": int, "accuracy": float}, ...],
+            "length_bias": float | None,         # P(RM prefers the longer response), pairs of unequal length
+            "accuracy_shorter_chosen": float | None,
+        },
+        "policy": {                              # policy against the reference, scored by the reward model
+            "win_rate": {"win_rate", "wins", "ties", "losses", "n", "ci_low", "ci_high", "confidence"},
+                                                 # metrics.win_rate(...)
+            "policy_score": {"mean", "std", "min", "max", "count"},      # metrics.summarize(...)
+            "reference_score": {"mean", "std", "min", "max", "count"},
+            "kl": {"kl": float, "stderr": float | None, "count": int},  # metrics.sampled_kl(...)
+        },
+        "diversity": {                           # one entry per model label, e.g. "policy", "reference"
+            label: {"distinct_1", "distinct_2", "repetition_rate", "eos_rate", "mean_length"},
+        },                                       # metrics.diversity_metrics(...)
+        "perplexity": {label: float},            # metrics.perplexity(...) per model label
+        "judge": {                               # an independent judge scoring the same responses
+            "name": str,
+            "win_rate": {...as in policy...}, "policy_score": {...}, "reference_score": {...},
+        },
+    }
+
+Within `policy` and `judge` each key is optional too. `samples` is a list of dicts with `prompt`,
+`policy_response`, `policy_score` and optionally `reference_response`, `reference_score`; they appear as a table
+in report.md. `eval.json` holds `results` as given (numpy numbers become Python numbers; a non-finite float
+becomes null, which JSON cannot otherwise represent). report.md links the figures of `rlhf_cli.evaluation.plots`
+that exist in `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+EVAL_JSON = "eval.json"
+REPORT_MD = "report.md"
+
+# Figures written by rlhf_cli.evaluation.plots under these names, in report order, with their captions.
+FIGURES = {
+    "reward_distribution.png": "Reward-model scores of policy and reference responses",
+    "reward_vs_length.png": "Reward against response length",
+    "training_curves.png": "PPO training curves",
+    "overoptimisation.png": "Proxy (and judge) score against KL from the reference",
+}
+
+
+def write_report(out_dir, results: dict, samples: list[dict]) -> None:
+    """Write `eval.json` and `report.md` for `results` (schema in the module docstring) into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean = _jsonable(results)
+    (out_dir / EVAL_JSON).write_text(json.dumps(clean, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out_dir / REPORT_MD).write_text(render_markdown(clean, samples, out_dir), encoding="utf-8")
+
+
+def _jsonable(value):
+    """Plain JSON types: numpy scalars and arrays to Python, tuples to lists, NaN and infinities to None."""
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return _cell(str(value))
+
+
+def _cell(text: str) -> str:
+    """Text made safe for one markdown table cell: pipes escaped, line breaks as <br>."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(_fmt(value) for value in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _win_rate_line(win: dict) -> str:
+    confidence = round(100 * win.get("confidence", 0.95))
+    return (
+        f"Win rate: **{_fmt(win.get('win_rate'))}** ({confidence}% Wilson interval {_fmt(win.get('ci_low'))} to "
+        f"{_fmt(win.get('ci_high'))}; wins {win.get('wins', 0)}, ties {win.get('ties', 0)}, "
+        f"losses {win.get('losses', 0)}, n = {win.get('n', 0)}; a tie counts as half a win)."
+    )
+
+
+def _score_rows(section: dict) -> list[list]:
+    rows = []
+    for label, key in (("policy", "policy_score"), ("reference", "reference_score")):
+        if key in section:
+            stats = section[key]
+            rows.append([label, stats.get("mean"), stats.get("std"), stats.get("min"), stats.get("max"),
+                         stats.get("count")])  # fmt: skip
+    return rows
+
+
+def _scores_and_wins(section: dict) -> list[str]:
+    lines = []
+    if "win_rate" in section:
+        lines += [_win_rate_line(section["win_rate"]), ""]
+    rows = _score_rows(section)
+    if rows:
+        lines += _table(["model", "mean score", "std", "min", "max", "n"], rows)
+    return lines
+
+
+def _reward_model_section(rm: dict) -> list[str]:
+    lines = ["## Reward model", ""]
+    lines += _table(
+        ["pairs", "accuracy", "mean margin", "length bias", "accuracy when shorter chosen"],
+        [[rm.get("num_pairs"), rm.get("accuracy"), rm.get("mean_margin"), rm.get("length_bias"),
+          rm.get("accuracy_shorter_chosen")]],
+    )  # fmt: skip
+    legend = (
+        "Accuracy counts ties as half. Length bias is the fraction of unequal-length pairs where the reward model "
+        "prefers the longer response (0.5 = indifferent to length)."
+    )
+    lines += [legend, ""]
+    if rm.get("calibration"):
+        lines += ["### Calibration: accuracy by score gap |s_chosen - s_rejected|", ""]
+        lines += _table(
+            ["gap from", "gap to", "pairs", "accuracy"],
+            [[b.get("low"), b.get("high"), b.get("count"), b.get("accuracy")] for b in rm["calibration"]],
+        )
+    return lines
+
+
+def _policy_section(policy: dict) -> list[str]:
+    lines = ["## Policy vs reference", ""] + _scores_and_wins(policy)
+    if "kl" in policy:
+        kl = policy["kl"]
+        stderr = "" if kl.get("stderr") is None else f" ± {_fmt(kl['stderr'])} (standard error)"
+        sentence = (
+            f"KL(policy ‖ reference) per response: **{_fmt(kl.get('kl'))}**{stderr} over "
+            f"{kl.get('count', 'n/a')} sampled responses."
+        )
+        lines += [sentence, ""]
+    return lines
+
+
+def _diversity_section(diversity: dict) -> list[str]:
+    columns = ["distinct_1", "distinct_2", "repetition_rate", "eos_rate", "mean_length"]
+    rows = [[label] + [stats.get(column) for column in columns] for label, stats in diversity.items()]
+    return ["## Diversity", ""] + _table(
+        ["model", "distinct-1", "distinct-2", "3-gram repetition rate", "EOS rate", "mean length (tokens)"], rows
+    )
+
+
+def _perplexity_section(perplexity: dict) -> list[str]:
+    return ["## Perplexity", ""] + _table(
+        ["model", "perplexity"], [[label, value] for label, value in perplexity.items()]
+    )
+
+
+def _judge_section(judge: dict) -> list[str]:
+    title = f"## Judge: {_cell(judge['name'])}" if judge.get("name") else "## Judge"
+    return [title, ""] + _scores_and_wins(judge)
+
+
+def _samples_section(samples: list[dict]) -> list[str]:
+    with_reference = any("reference_response" in sample for sample in samples)
+    header = ["#", "prompt", "policy response", "policy score"]
+    if with_reference:
+        header += ["reference response", "reference score"]
+    rows = []
+    for index, sample in enumerate(samples, start=1):
+        row = [index, str(sample.get("prompt", "")), str(sample.get("policy_response", "")),
+               sample.get("policy_score")]  # fmt: skip
+        if with_reference:
+            row += [str(sample.get("reference_response", "")), sample.get("reference_score")]
+        rows.append(row)
+    return ["## Samples", ""] + _table(header, rows)
+
+
+def _figures_section(out_dir: Path) -> list[str]:
+    present = [name for name in FIGURES if (out_dir / name).is_file()]
+    others = sorted(path.name for path in out_dir.glob("*.png") if path.name not in FIGURES)
+    if not present and not others:
+        return []
+    lines = ["## Figures", ""]
+    for name in present + others:
+        caption = FIGURES.get(name, Path(name).stem.replace("_", " "))
+        lines += [f"![{caption}]({name})", ""]
+    return lines
+
+
+def render_markdown(results: dict, samples: list[dict], out_dir: Path | None = None) -> str:
+    """report.md as a string: one section per part of `results` present, then samples and figures."""
+    lines = ["# Evaluation report", ""]
+    meta = results.get("meta") or {}
+    if meta:
+        lines += [f"- **{_cell(key)}**: {_fmt(value)}" for key, value in meta.items()] + [""]
+    if results.get("reward_model"):
+        lines += _reward_model_section(results["reward_model"])
+    if results.get("policy"):
+        lines += _policy_section(results["policy"])
+    if results.get("diversity"):
+        lines += _diversity_section(results["diversity"])
+    if results.get("perplexity"):
+        lines += _perplexity_section(results["perplexity"])
+    if results.get("judge"):
+        lines += _judge_section(results["judge"])
+    if samples:
+        lines += _samples_section(samples)
+    if out_dir is not None:
+        lines += _figures_section(Path(out_dir))
+    return "\n".join(lines).rstrip() + "\n"
