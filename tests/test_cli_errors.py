@@ -263,3 +263,13 @@ def test_ppo_refuses_a_distributed_strategy_it_cannot_run(tmp_path):
     assert_clean_failure(["ppo", str(path), "--set", f"model.name_or_path={TINY}", "--set",
                           f"ppo.reward.model={TINY}", "--set", "distributed.strategy=zero3"],
                          "runs in one process for now")
+
+
+def test_grpo_has_no_critic_to_set(tmp_path):
+    path = tiny_recipe(tmp_path, "grpo.yaml")
+    assert_clean_failure(["ppo", str(path), "--set", f"ppo.value_model={TINY}"], "grpo has no critic")
+
+
+def test_grpo_training_keys_are_grpo_config_keys(tmp_path):
+    path = tiny_recipe(tmp_path, "grpo.yaml")
+    assert_clean_failure(["ppo", str(path), "--set", "training.ppo_epochs=4"], "GRPOConfig", "ppo_epochs")

@@ -257,3 +257,21 @@ def test_ppo_under_deepspeed_zero3_in_two_cpu_processes(tiny_sft, tiny_rm, tmp_p
     reference = AutoModelForCausalLM.from_pretrained(tiny_sft)
     changed = any(not torch.equal(a, b) for a, b in zip(policy.parameters(), reference.parameters()))
     assert changed  # the policy trained
+
+
+def test_grpo_with_a_rule_reward_and_rloo_with_the_reward_model(tiny_sft, tiny_rm, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    short = ["--set", "training.max_steps=3", "--set", "training.per_device_train_batch_size=8",
+             "--set", f"model.name_or_path={tiny_sft}"]  # fmt: skip
+    grpo = tmp_path / "grpo"
+    result = subprocess.run([*RLHF, "ppo", str(TINY / "grpo.yaml"), "-o", str(grpo), *short,
+                             "--set", "ppo.reward={function: 'rules:starts_with_sure'}"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    logged = [row for row in metrics(grpo) if "reward" in row]
+    assert len(logged) == 3 and all(0.0 <= row["rewards/starts_with_sure/mean"] <= 1.0 for row in logged)
+    rloo = tmp_path / "rloo"
+    rlhf("ppo", str(TINY / "rloo.yaml"), "-o", str(rloo), *short, "--set", f"ppo.reward.model={tiny_rm}")
+    summary = json.loads((rloo / "summary.json").read_text())
+    assert summary["stage"] == "rloo" and summary["steps"] == 3 and "reward (last steps)" in summary
+    assert (rloo / "model.safetensors").is_file()

@@ -177,11 +177,25 @@ class RewardSpec(_Strict):
 class PPOSpec(_Strict):
     """The other three models of PPO (the policy is `model:`)."""
 
+    algorithm: Literal["ppo", "grpo", "rloo"] = Field(
+        "ppo",
+        description="ppo: this project's critic PPO (training keys: rlhf_cli PPOConfig); grpo / rloo: TRL's "
+        "GRPOTrainer / RLOOTrainer on the same data and reward (training keys: their TRL configs).",
+    )
     reward: RewardSpec = Field(description="The reward: a model or a rule function.")
     value_model: str | None = Field(
         None, description="Critic initialisation; default: the reward model (the policy when the reward is a rule)."
     )
     ref_model: str | None = Field(None, description="Frozen reference for the KL term; default: the policy's start.")
+
+    @model_validator(mode="after")
+    def _critic_only_for_ppo(self) -> PPOSpec:
+        if self.algorithm != "ppo" and (self.value_model or self.ref_model):
+            raise ValueError(
+                f"{self.algorithm} has no critic and takes its reference from the policy's start: remove "
+                "value_model/ref_model, or use algorithm: ppo"
+            )
+        return self
 
 
 class Recipe(_Strict):
@@ -224,6 +238,14 @@ class Recipe(_Strict):
 
 
 STAGE_CONFIG = {"sft": "SFTConfig", "rm": "RewardConfig", "ppo": "PPOConfig"}
+ALGORITHM_CONFIG = {"grpo": "GRPOConfig", "rloo": "RLOOConfig"}  # `ppo.algorithm` hands the stage to TRL
+
+
+def training_config_class(recipe: Recipe, stage: str) -> str:
+    """Which config class the recipe's `training:` keys belong to."""
+    if stage == "ppo" and recipe.ppo is not None and recipe.ppo.algorithm in ALGORITHM_CONFIG:
+        return ALGORITHM_CONFIG[recipe.ppo.algorithm]
+    return STAGE_CONFIG[stage]
 
 # Training keys owned by other recipe sections or by the CLI.
 _OWNED_KEYS = {
@@ -403,9 +425,10 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
     for key, owner in _OWNED_KEYS.items():
         if key in recipe.training:
             raise UserError(f"Recipe {source}: training.{key} is not set here; use {owner}.")
-    problems = check_training_keys(STAGE_CONFIG[stage], recipe.training)
+    config_class = training_config_class(recipe, stage)
+    problems = check_training_keys(config_class, recipe.training)
     if problems:
-        raise UserError(f"Recipe {source} has a bad `training` section for {STAGE_CONFIG[stage]}: " + " ".join(problems))
+        raise UserError(f"Recipe {source} has a bad `training` section for {config_class}: " + " ".join(problems))
     _resolve_paths(recipe, base_dir or Path.cwd())
     return recipe
 

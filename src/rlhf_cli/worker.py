@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_launch(recipe, "ppo", "PPOConfig", run_dir, Hardware.detect(), resume=args.resume)
             return run_ppo_worker(recipe, run_dir, plan, resume=args.resume)
         stage = STAGES[args.stage]
-        recipe = load_recipe(args.recipe, stage.name)
+        recipe = load_recipe(args.recipe, stage.stage_key)
         plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=args.resume)
         train_data, eval_data = load_stage_data(stage, recipe)
         return train(stage, recipe, run_dir, trainer_config_kwargs(stage, recipe, run_dir, plan), train_data,

@@ -11,7 +11,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import yaml
 
@@ -33,12 +33,19 @@ INTERRUPTED_EXIT_CODE = 130
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # recipe stage key, also the worker's argument
+    name: str  # the worker's argument
     title: str
-    data_kind: Literal["sft", "preference"]
+    data_kind: Literal["sft", "preference", "prompt"]
     model_kind: Literal["causal_lm", "reward"]
     config_class: str  # in trl
     trainer_class: str  # in trl
+    recipe_stage: str = ""  # the recipe's `stage:` (default: name)
+    length_key: str | None = "max_length"  # the TRL config key that data.max_length sets
+    trainer_kwargs: Callable[[Recipe], dict] | None = None  # more arguments for the TRL trainer
+
+    @property
+    def stage_key(self) -> str:
+        return self.recipe_stage or self.name
 
 
 def resolve_run_dir(recipe: Recipe, output_dir: str | None) -> Path:
@@ -55,10 +62,11 @@ def trainer_config_kwargs(stage: Stage, recipe: Recipe, run_dir: Path, plan: Lau
         output_dir=str(run_dir),
         seed=recipe.seed,
         report_to=recipe.report_to,
-        max_length=recipe.data.max_length,
         disable_tqdm=True,  # rich progress instead
         **plan.precision,
     )
+    if stage.length_key:
+        kwargs[stage.length_key] = recipe.data.max_length
     if plan.deepspeed_config is not None:
         kwargs["deepspeed"] = str(run_dir / DEEPSPEED_CONFIG)
     if recipe.data.eval is not None and "eval_strategy" not in kwargs:
@@ -217,6 +225,7 @@ def train(
         processing_class=tokenizer,
         peft_config=lora_config(recipe.model, stage.model_kind),
         callbacks=[metrics, interrupt],
+        **(stage.trainer_kwargs(recipe) if stage.trainer_kwargs else {}),
     )
     _use_rich_progress(trainer)
 
@@ -273,6 +282,11 @@ def _summary(stage, recipe, run_dir, trainer, result, rows, seconds) -> dict:
     for key in ("accuracy", "margin", "mean_token_accuracy"):
         if key in last:
             summary[f"final {key}"] = last[key]
+    rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]  # GRPO / RLOO
+    if rewards:
+        window = max(1, len(rewards) // 5)
+        summary["reward (first steps)"] = sum(rewards[:window]) / window
+        summary["reward (last steps)"] = sum(rewards[-window:]) / window
     evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     if evals:
         summary.update({key: value for key, value in evals[-1].items() if key.startswith("eval_")

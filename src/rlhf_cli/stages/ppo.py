@@ -9,7 +9,13 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE, Hardware, plan_launch
 from rlhf_cli.recipe import Recipe, recipe_to_yaml
 from rlhf_cli.rundir import check_run_dir, prepare_run_dir
-from rlhf_cli.stages.common import launch_distributed, quiet_hf_progress_bars, resolve_run_dir, show_launch
+from rlhf_cli.stages.common import (
+    launch_distributed,
+    quiet_hf_progress_bars,
+    resolve_run_dir,
+    run_stage,
+    show_launch,
+)
 
 
 def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, dry_run=False, cli_argv=None) -> int:
@@ -17,6 +23,11 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
 
     from rlhf_cli.ppo.config import PPOConfig
 
+    if recipe.ppo.algorithm != "ppo":  # critic-free: TRL's GRPOTrainer / RLOOTrainer run the stage
+        from rlhf_cli.stages import STAGES
+
+        return run_stage(STAGES[recipe.ppo.algorithm], recipe, output_dir=output_dir, overwrite=overwrite,
+                         resume=resume, dry_run=dry_run, cli_argv=cli_argv)  # fmt: skip
     run_dir = resolve_run_dir(recipe, output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
     try:
