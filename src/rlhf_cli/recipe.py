@@ -187,6 +187,32 @@ class PPOSpec(_Strict):
         None, description="Critic initialisation; default: the reward model (the policy when the reward is a rule)."
     )
     ref_model: str | None = Field(None, description="Frozen reference for the KL term; default: the policy's start.")
+    judge: RewardSpec | None = Field(
+        None,
+        description="A second reward (model or rule) scored on every rollout and logged as judge_score, never "
+        "trained on: the check that the proxy's gains are real.",
+    )
+    alarms: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Reward-hacking alarms: mode (off|warn|stop), window, length_correlation, kl_multiple, "
+        "entropy_collapse, repetition_jump, judge_divergence (see docs/ppo.md).",
+    )
+
+    @model_validator(mode="after")
+    def _alarms_are_known(self) -> PPOSpec:
+        from dataclasses import fields
+
+        from rlhf_cli.evaluation.alarms import AlarmConfig
+
+        known = {f.name for f in fields(AlarmConfig)}
+        unknown = sorted(set(self.alarms) - known)
+        if unknown:
+            raise ValueError(f"unknown alarms key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            AlarmConfig(**self.alarms)  # its own checks: mode, window, thresholds
+        except ValueError as exc:
+            raise ValueError(f"ppo.alarms: {str(exc).rstrip('.')}") from None
+        return self
 
     @model_validator(mode="after")
     def _critic_only_for_ppo(self) -> PPOSpec:
