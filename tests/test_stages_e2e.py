@@ -275,3 +275,22 @@ def test_grpo_with_a_rule_reward_and_rloo_with_the_reward_model(tiny_sft, tiny_r
     summary = json.loads((rloo / "summary.json").read_text())
     assert summary["stage"] == "rloo" and summary["steps"] == 3 and "reward (last steps)" in summary
     assert (rloo / "model.safetensors").is_file()
+
+
+def test_ppo_judge_is_logged_and_a_stop_alarm_saves_and_stops(tiny_sft, tiny_rm, tmp_path):
+    out = tmp_path / "alarm"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    result = subprocess.run(
+        [*RLHF, "ppo", str(TINY / "ppo.yaml"), "-o", str(out), "--set", f"model.name_or_path={tiny_sft}",
+         "--set", f"ppo.reward.model={tiny_rm}", "--set", "ppo.judge={function: 'rules:starts_with_sure'}",
+         "--set", "training.steps=8", "--set", "training.rollout_batch_size=8", "--set", "training.mini_batch_size=4",
+         "--set", "training.target_kl=0.01", "--set", "ppo.alarms={mode: stop, kl_multiple: 2.0}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600)  # fmt: skip
+    assert result.returncode == 3, result.stdout + result.stderr  # stopped by the alarm, on purpose
+    assert "Stopped by the kl alarm" in " ".join(result.stdout.split())
+    history = ppo_history(out)
+    assert all(0.0 <= row["judge_score"] <= 1.0 and 0.0 <= row["repetition_rate"] <= 1.0 for row in history)
+    assert history[-1]["kl"] > 2.0 * 0.01 and len(history) < 8
+    alarms = [json.loads(line) for line in (out / "alarms.jsonl").read_text().splitlines()]
+    assert alarms[0]["alarm"] == "kl" and alarms[0]["step"] == history[-1]["step"]
+    assert (out / f"checkpoint-{history[-1]['step']}").is_dir()  # saved before stopping

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.evaluation.alarms import Alarm, AlarmConfig, AlarmMonitor
 from rlhf_cli.ppo.config import PPOConfig
 from rlhf_cli.ppo.losses import (
     adaptive_kl_beta,
@@ -41,6 +42,9 @@ from rlhf_cli.ppo.rollout import (
 )
 from rlhf_cli.recipe import Recipe
 from rlhf_cli.rundir import METRICS_FILE, interrupt_callback, last_checkpoint
+
+
+ALARM_EXIT_CODE = 3  # a run stopped on purpose by `ppo.alarms.mode: stop`
 
 
 @dataclass
@@ -156,6 +160,18 @@ def minibatch_order(rows: int, seed: int, step: int, epoch: int) -> torch.Tensor
     return torch.randperm(rows, generator=torch.Generator().manual_seed(entropy))
 
 
+def repeats_an_ngram(response_ids: torch.Tensor, response_mask: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """1.0 for each response in which some n-gram of real tokens occurs twice (its repetition_rate term), else 0."""
+    from collections import Counter
+
+    flags = []
+    for ids, mask in zip(response_ids.tolist(), response_mask.tolist()):
+        tokens = ids[: sum(mask)]
+        grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+        flags.append(float(any(count >= 2 for count in grams.values())))
+    return torch.tensor(flags, device=response_ids.device)
+
+
 @dataclass
 class PhaseTimer:
     """Wall seconds per phase of one step (generate / forward / train), synchronised with the GPU when there is one."""
@@ -198,7 +214,16 @@ class PPOTrainer:
         self.zero3 = plugin is not None and plugin.zero_stage == 3
 
         self.rule = load_rule_reward(recipe.ppo.reward.function) if recipe.ppo.reward.function else None
+        judge = recipe.ppo.judge
+        self.judge_rule = load_rule_reward(judge.function) if judge and judge.function else None
         self.tokenizer, policy, critic, self.ref, self.reward_model = self._load_models(prompts)
+        self.judge_model = None
+        if judge and judge.model:  # frozen, never trained on: an independent check of the proxy's gains
+            from transformers import AutoModelForSequenceClassification
+
+            check_same_vocabulary(self.tokenizer, judge.model, "ppo.judge.model")
+            self.judge_model = AutoModelForSequenceClassification.from_pretrained(judge.model, num_labels=1)
+            self.judge_model.requires_grad_(False).eval()
         optimizer = torch.optim.AdamW(
             [{"params": policy.parameters(), "lr": config.learning_rate},
              {"params": critic.parameters(), "lr": config.critic_learning_rate or config.learning_rate}],
@@ -213,6 +238,7 @@ class PPOTrainer:
         self.model, self.optimizer = acc.prepare(PolicyAndCritic(policy, critic), optimizer)
         self.ref = self._prepare_frozen(self.ref)
         self.reward_model = self._prepare_frozen(self.reward_model)
+        self.judge_model = self._prepare_frozen(self.judge_model)
         self.state = PPOState(beta=config.kl_coef)
         acc.register_for_checkpointing(self.state)
         acc.register_for_checkpointing(self.scheduler)
@@ -335,11 +361,15 @@ class PPOTrainer:
                 parts["ref_logprobs"].append(policy_logprobs(self.ref, sub, cfg.temperature))
                 if self.reward_model is not None:
                     parts["scores"].append(reward_scores(self.reward_model, sub).float())
+                if self.judge_model is not None:
+                    parts["judge_scores"] = [*parts.get("judge_scores", []), reward_scores(self.judge_model, sub).float()]
             rollout = {key: torch.cat(values) for key, values in parts.items() if values}
-            if self.reward_model is None:
+            if self.rule is not None or self.judge_rule is not None:
                 completions = tok.batch_decode(response_ids, skip_special_tokens=True)
                 prompts = [self.prompt_texts[i] for i in indices]
-                rollout["scores"] = torch.tensor(self.rule(prompts, completions), dtype=torch.float, device=acc.device)
+                for key, rule in (("scores", self.rule), ("judge_scores", self.judge_rule)):
+                    if rule is not None:
+                        rollout[key] = torch.tensor(rule(prompts, completions), dtype=torch.float, device=acc.device)
         rollout["has_eos"] = (response_ids == tok.eos_token_id).any(1)
         return batch, rollout
 
@@ -399,6 +429,8 @@ class PPOTrainer:
             "beta": state.beta,
             "response_length": mean(batch.response_mask.sum(1)),
             "eos_rate": mean(roll["has_eos"]),
+            "repetition_rate": mean(repeats_an_ngram(batch.response_ids, batch.response_mask)),
+            **({"judge_score": mean(roll["judge_scores"])} if "judge_scores" in roll else {}),
             "explained_variance": explained_variance(roll["values"], returns, mask).item(),
             "learning_rate": self.scheduler.get_last_lr()[0],
             **{key: sum(values) / len(values) for key, values in stats.items() if values},
@@ -452,6 +484,9 @@ class PPOTrainer:
         interrupt = interrupt_callback()
         console = Console()
         main = acc.is_main_process
+        # Every process sees the same gathered metrics, so every process reaches the same verdict.
+        alarms = AlarmMonitor(AlarmConfig(**self.recipe.ppo.alarms), target_kl=cfg.target_kl)
+        stopped_by: list[Alarm] = []
         started = time.time()
         progress = Progress(TextColumn("[blue]PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                             TextColumn("{task.description}"), console=console, disable=not main)  # fmt: skip
@@ -470,16 +505,35 @@ class PPOTrainer:
                     self.log_samples(batch, scores, progress.console)
                 progress.update(task, completed=state.step,
                                 description=f"score {metrics['score']:+.3f}  kl {metrics['kl']:.3f}")  # fmt: skip
+                fired = alarms.update({"step": state.step, **metrics}) if alarms.config.mode != "off" else []
+                if fired and main:
+                    self.report_alarms(fired, progress.console)
+                if alarms.should_stop and fired:
+                    stopped_by = fired
                 stop = self._stop_requested(interrupt)
-                if stop or state.step % cfg.save_steps == 0:
+                if stop or stopped_by or state.step % cfg.save_steps == 0:
                     acc.save_state(str(self.run_dir / f"checkpoint-{state.step}"))
+                checkpoint = self.run_dir / f"checkpoint-{state.step}"
+                if stopped_by:
+                    if main:
+                        console.print(f"[red]Stopped by the {', '.join(a.name for a in stopped_by)} alarm[/] "
+                                      f"(ppo.alarms.mode: stop); checkpoint saved in {checkpoint}.")  # fmt: skip
+                    return ALARM_EXIT_CODE
                 if stop:
                     if main:
-                        console.print(f"Interrupted: checkpoint saved in {self.run_dir / f'checkpoint-{state.step}'}."
+                        console.print(f"Interrupted: checkpoint saved in {checkpoint}."
                                       " Continue with the same command and --resume.")  # fmt: skip
                     return 130
         self.save_final(time.time() - started)
         return 0
+
+    def report_alarms(self, fired: list, console) -> None:
+        """Each alarm once in the terminal and as a line of alarms.jsonl in the run directory."""
+        with (self.run_dir / "alarms.jsonl").open("a", encoding="utf-8") as handle:
+            for alarm in fired:
+                handle.write(json.dumps({"step": alarm.step, "alarm": alarm.name, "message": alarm.message}) + "\n")
+                console.print(f"[yellow]Reward-hacking alarm[/] ({alarm.name}, step {alarm.step}): {alarm.message}",
+                              highlight=False)  # fmt: skip
 
     def _stop_requested(self, interrupt) -> bool:
         flag = torch.tensor([int(interrupt.requested)], device=self.accelerator.device)
