@@ -294,3 +294,20 @@ def test_ppo_judge_is_logged_and_a_stop_alarm_saves_and_stops(tiny_sft, tiny_rm,
     alarms = [json.loads(line) for line in (out / "alarms.jsonl").read_text().splitlines()]
     assert alarms[0]["alarm"] == "kl" and alarms[0]["step"] == history[-1]["step"]
     assert (out / f"checkpoint-{history[-1]['step']}").is_dir()  # saved before stopping
+
+
+def test_ppo_in_lora_mode_keeps_one_base_and_saves_adapters(tiny_sft, tiny_rm, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    history = ppo_run(out, tiny_sft, tiny_rm, "--set", "model.lora={r: 8, alpha: 16, merge: true}",
+                      "--set", "training.steps=3", "--set", "training.learning_rate=1e-3")  # fmt: skip
+    assert len(history) == 3 and history[0]["kl"] == 0.0  # adapters start as the identity: policy == reference
+    assert history[-1]["kl"] != 0.0  # ... and the policy adapter moved away from the base
+    for name in ("adapter/policy/adapter_model.safetensors", "adapter/critic/adapter_model.safetensors",
+                 "adapter/critic/value_head.pt", "model.safetensors"):  # fmt: skip
+        assert (out / name).is_file(), name
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_sft)
+    assert any(not torch.equal(a, b) for a, b in zip(merged.parameters(), base.parameters()))

@@ -81,6 +81,66 @@ class PolicyAndCritic(torch.nn.Module):
         logits = self.policy(**inputs, use_cache=False).logits
         return logits, head_on_every_position(self.critic, inputs)
 
+    def parameter_groups(self) -> tuple[list, list]:
+        return list(self.policy.parameters()), list(self.critic.parameters())
+
+
+class LoraPolicyAndCritic(torch.nn.Module):
+    """LoRA mode: one frozen base model carries two adapters, "policy" and "critic" (the critic reads the base's last
+    hidden state through its adapter into a value head), and the reference policy is the base with adapters off.
+    One full copy of the weights instead of three."""
+
+    ADAPTERS = ("policy", "critic")
+
+    def __init__(self, base, lora_config):
+        from peft import get_peft_model
+
+        super().__init__()
+        self.body = get_peft_model(base, lora_config, adapter_name="policy")
+        self.body.add_adapter("critic", lora_config)
+        self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no critic opinion before training
+        torch.nn.init.zeros_(self.value_head.bias)
+        self._use("policy")
+
+    @property
+    def config(self):
+        return self.body.config
+
+    def _use(self, adapter: str):
+        """Route the forward pass through one adapter. peft's set_adapter also freezes the other adapter; both
+        train together here, so their gradients are switched back on."""
+        self.body.set_adapter(adapter)
+        for name, parameter in self.body.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(True)
+        return self.body
+
+    @property
+    def policy(self):
+        """The policy for generation: the base with the policy adapter active."""
+        return self._use("policy")
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        logits = self._use("policy")(**inputs, use_cache=False).logits
+        hidden = self._use("critic")(**inputs, use_cache=False, output_hidden_states=True).hidden_states[-1]
+        self._use("policy")
+        return logits, self.value_head(hidden).squeeze(-1)
+
+    def reference_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.body.disable_adapter():
+            return self.body(**inputs, use_cache=False).logits
+
+    def parameter_groups(self) -> tuple[list, list]:
+        policy, critic = [], [*self.value_head.parameters()]
+        for name, parameter in self.body.named_parameters():
+            if ".policy." in name:
+                policy.append(parameter)
+            elif ".critic." in name:
+                critic.append(parameter)
+        return policy, critic
+
 
 def response_logprobs(logits: torch.Tensor, batch: Batch, temperature: float, with_entropy: bool = False):
     """log pi(a_t | s_t) of the sampled response tokens (B, T), from logits / temperature; entropy optionally."""

@@ -14,6 +14,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from rlhf_cli.ppo.losses import (
 )
 from rlhf_cli.ppo.rollout import (
     Batch,
+    LoraPolicyAndCritic,
     PolicyAndCritic,
     policy_logprobs,
     response_logprobs,
@@ -146,9 +148,13 @@ def prompt_indices(step: int, per_process: int, num_processes: int, process_inde
     indices = []
     for position in range(start, start + per_process):
         epoch, offset = divmod(position, total)
-        permutation = torch.randperm(total, generator=torch.Generator().manual_seed(seed + epoch))
-        indices.append(int(permutation[offset]))
+        indices.append(_data_pass_order(total, seed, epoch)[offset])
     return indices
+
+
+@lru_cache(maxsize=2)  # the current pass over the data and the next
+def _data_pass_order(total: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
 
 
 def minibatch_order(rows: int, seed: int, step: int, epoch: int) -> torch.Tensor:
@@ -216,7 +222,7 @@ class PPOTrainer:
         self.rule = load_rule_reward(recipe.ppo.reward.function) if recipe.ppo.reward.function else None
         judge = recipe.ppo.judge
         self.judge_rule = load_rule_reward(judge.function) if judge and judge.function else None
-        self.tokenizer, policy, critic, self.ref, self.reward_model = self._load_models(prompts)
+        self.tokenizer, trainable, self.ref, self.reward_model = self._load_models(prompts)
         self.judge_model = None
         if judge and judge.model:  # frozen, never trained on: an independent check of the proxy's gains
             from transformers import AutoModelForSequenceClassification
@@ -224,10 +230,12 @@ class PPOTrainer:
             check_same_vocabulary(self.tokenizer, judge.model, "ppo.judge.model")
             self.judge_model = AutoModelForSequenceClassification.from_pretrained(judge.model, num_labels=1)
             self.judge_model.requires_grad_(False).eval()
+        policy_params, critic_params = trainable.parameter_groups()
         optimizer = torch.optim.AdamW(
-            [{"params": policy.parameters(), "lr": config.learning_rate},
-             {"params": critic.parameters(), "lr": config.critic_learning_rate or config.learning_rate}],
+            [{"params": policy_params, "lr": config.learning_rate},
+             {"params": critic_params, "lr": config.critic_learning_rate or config.learning_rate}],
             eps=1e-5,
+            fused=True,  # one kernel per parameter group instead of a Python loop over tensors
         )  # fmt: skip
         updates_per_step = config.ppo_epochs * (config.rollout_batch_size // config.mini_batch_size)
         total_updates = max(config.steps * updates_per_step, 1)
@@ -235,7 +243,8 @@ class PPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda update: 1.0 if config.lr_schedule == "constant" else max(0.0, 1 - update / total_updates)
         )
-        self.model, self.optimizer = acc.prepare(PolicyAndCritic(policy, critic), optimizer)
+        self.model, self.optimizer = acc.prepare(trainable, optimizer)
+        self.unwrapped = acc.unwrap_model(self.model)  # once: unwrapping looks up package metadata every call
         self.ref = self._prepare_frozen(self.ref)
         self.reward_model = self._prepare_frozen(self.reward_model)
         self.judge_model = self._prepare_frozen(self.judge_model)
@@ -264,6 +273,17 @@ class PPOTrainer:
             return load() if self.zero3 else copy.deepcopy(model)
 
         policy = load_model(spec, policy_path, "causal_lm", tokenizer)
+        if spec.lora is not None:  # adapters on one base; the reference is that base with adapters off
+            from rlhf_cli.models import lora_config
+
+            disable_dropout_in_model(policy)
+            trainable = LoraPolicyAndCritic(policy, lora_config(spec, "causal_lm"))
+            reward_model = None
+            if ppo.reward.model:
+                reward_model = AutoModelForSequenceClassification.from_pretrained(ppo.reward.model, num_labels=1)
+                disable_dropout_in_model(reward_model)
+                reward_model.requires_grad_(False).eval()
+            return tokenizer, trainable, None, reward_model
         if ppo.ref_model:
             ref = AutoModelForCausalLM.from_pretrained(ppo.ref_model)
         else:
@@ -289,7 +309,7 @@ class PPOTrainer:
         if config.gradient_checkpointing:
             for model in (policy, critic):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return tokenizer, policy, critic, ref, reward_model
+        return tokenizer, PolicyAndCritic(policy, critic), ref, reward_model
 
     def _prepare_frozen(self, model):
         """Frozen models join the DeepSpeed run as inference engines (sharded under ZeRO-3), else sit on the device."""
@@ -309,7 +329,7 @@ class PPOTrainer:
         (and the engine's per-module gather hooks lifted), not fetched again for every new token."""
         from trl.models.utils import add_hooks, remove_hooks
 
-        policy = self.accelerator.unwrap_model(self.model).policy
+        policy = self.unwrapped.policy
         checkpointing = policy.is_activation_checkpointing
         if checkpointing:  # it would turn the KV cache off
             policy.gradient_checkpointing_disable()
@@ -358,7 +378,11 @@ class PPOTrainer:
                 logits, values = self.model(**sub.inputs())
                 parts["logprobs"].append(response_logprobs(logits, sub, cfg.temperature))
                 parts["values"].append(sub.response_slice(values))
-                parts["ref_logprobs"].append(policy_logprobs(self.ref, sub, cfg.temperature))
+                if self.ref is not None:
+                    parts["ref_logprobs"].append(policy_logprobs(self.ref, sub, cfg.temperature))
+                else:  # LoRA mode: the base model without its adapters
+                    reference = self.unwrapped.reference_logits(sub.inputs())
+                    parts["ref_logprobs"].append(response_logprobs(reference, sub, cfg.temperature))
                 if self.reward_model is not None:
                     parts["scores"].append(reward_scores(self.reward_model, sub).float())
                 if self.judge_model is not None:
@@ -527,6 +551,17 @@ class PPOTrainer:
         self.save_final(time.time() - started)
         return 0
 
+    def _save_lora(self, both: LoraPolicyAndCritic) -> None:
+        """Adapters in adapter/policy and adapter/critic (value head beside them); with model.lora.merge, the policy
+        merged into full weights in the run directory, a model every other command can load."""
+        if not self.accelerator.is_main_process:
+            return
+        both.body.save_pretrained(self.run_dir / "adapter")
+        torch.save(both.value_head.state_dict(), self.run_dir / "adapter" / "critic" / "value_head.pt")
+        if self.recipe.model.lora.merge:
+            both.body.set_adapter("policy")
+            both.body.merge_and_unload(adapter_names=["policy"]).save_pretrained(self.run_dir)
+
     def report_alarms(self, fired: list, console) -> None:
         """Each alarm once in the terminal and as a line of alarms.jsonl in the run directory."""
         with (self.run_dir / "alarms.jsonl").open("a", encoding="utf-8") as handle:
@@ -566,11 +601,14 @@ class PPOTrainer:
         acc.wait_for_everyone()
         full_state = acc.get_state_dict(self.model)  # every rank takes part; under ZeRO-3 only rank 0 gets weights
         both = acc.unwrap_model(self.model)
-        for name, model, directory in (("policy", both.policy, self.run_dir), ("critic", both.critic,
-                                                                                 self.run_dir / "critic")):  # fmt: skip
-            prefix = f"{name}."
-            own = {key[len(prefix):]: value for key, value in (full_state or {}).items() if key.startswith(prefix)}
-            model.save_pretrained(directory, is_main_process=acc.is_main_process, state_dict=own)
+        if isinstance(both, LoraPolicyAndCritic):
+            self._save_lora(both)
+        else:
+            for name, model, directory in (("policy", both.policy, self.run_dir),
+                                           ("critic", both.critic, self.run_dir / "critic")):  # fmt: skip
+                prefix = f"{name}."
+                own = {key[len(prefix):]: value for key, value in (full_state or {}).items() if key.startswith(prefix)}
+                model.save_pretrained(directory, is_main_process=acc.is_main_process, state_dict=own)
         if acc.is_main_process:
             self.tokenizer.save_pretrained(self.run_dir)
             history = [json.loads(line) for line in (self.run_dir / METRICS_FILE).read_text().splitlines()]
