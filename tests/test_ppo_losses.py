@@ -120,3 +120,16 @@ def test_explained_variance():
     mask = torch.ones(1, 4)
     assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
     assert explained_variance(torch.full_like(returns, 2.5), returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_token_logprobs_and_entropy_by_hand():
+    import math
+
+    from rlhf_cli.ppo.rollout import entropy, token_logprobs
+
+    # logits (0, ln 3): probabilities 1/4 and 3/4
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert token_logprobs(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+    assert token_logprobs(logits, torch.tensor([[0]])).item() == pytest.approx(math.log(0.25))
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert entropy(logits).item() == pytest.approx(expected)

@@ -10,7 +10,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+# The two small reductions below are written here rather than imported from trl.trainer.utils: importing that
+# module pulls in TRL's whole trainer stack (about 100 MB and several seconds) for two lines of arithmetic.
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[token] = logits[token] - logsumexp(logits), without materialising the full log-softmax."""
+    logits = logits.float()
+    return logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p_v log p_v = logsumexp(logits) - sum_v p_v logits_v, per position."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """p = 0 in every dropout layer: PPO's ratio compares two forward passes of the same weights, which must agree."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 @dataclass
@@ -145,8 +166,8 @@ class LoraPolicyAndCritic(torch.nn.Module):
 def response_logprobs(logits: torch.Tensor, batch: Batch, temperature: float, with_entropy: bool = False):
     """log pi(a_t | s_t) of the sampled response tokens (B, T), from logits / temperature; entropy optionally."""
     logits = batch.response_slice(logits) / temperature
-    logprobs = selective_log_softmax(logits, batch.response_ids)
-    return (logprobs, entropy_from_logits(logits)) if with_entropy else logprobs
+    logprobs = token_logprobs(logits, batch.response_ids)
+    return (logprobs, entropy(logits)) if with_entropy else logprobs
 
 
 def policy_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:

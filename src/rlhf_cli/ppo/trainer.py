@@ -37,6 +37,7 @@ from rlhf_cli.ppo.rollout import (
     Batch,
     LoraPolicyAndCritic,
     PolicyAndCritic,
+    disable_dropout,
     policy_logprobs,
     response_logprobs,
     response_mask_from,
@@ -260,8 +261,6 @@ class PPOTrainer:
         """Tokenizer, policy, critic, reference and reward model. Frozen copies come from memory when they start
         from the same weights, so no model is read twice; under ZeRO-3 each is loaded already sharded instead."""
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-        from trl.trainer.utils import disable_dropout_in_model
-
         from rlhf_cli.models import load_model, load_tokenizer, resolve_model_path
 
         spec, ppo, config = self.recipe.model, self.recipe.ppo, self.config
@@ -276,12 +275,12 @@ class PPOTrainer:
         if spec.lora is not None:  # adapters on one base; the reference is that base with adapters off
             from rlhf_cli.models import lora_config
 
-            disable_dropout_in_model(policy)
+            disable_dropout(policy)
             trainable = LoraPolicyAndCritic(policy, lora_config(spec, "causal_lm"))
             reward_model = None
             if ppo.reward.model:
                 reward_model = AutoModelForSequenceClassification.from_pretrained(ppo.reward.model, num_labels=1)
-                disable_dropout_in_model(reward_model)
+                disable_dropout(reward_model)
                 reward_model.requires_grad_(False).eval()
             return tokenizer, trainable, None, reward_model
         if ppo.ref_model:
@@ -302,7 +301,7 @@ class PPOTrainer:
         critic.config.pad_token_id = tokenizer.pad_token_id
         for model in (policy, ref, critic, reward_model):
             if model is not None:
-                disable_dropout_in_model(model)  # PPO's ratio compares two forward passes: they must agree
+                disable_dropout(model)  # PPO's ratio compares two forward passes: they must agree
         for frozen in (ref, reward_model):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
@@ -327,8 +326,6 @@ class PPOTrainer:
     def _policy_for_generation(self):
         """The bare policy for `generate`. Under ZeRO-3 its parameters are gathered once for the whole generation
         (and the engine's per-module gather hooks lifted), not fetched again for every new token."""
-        from trl.models.utils import add_hooks, remove_hooks
-
         policy = self.unwrapped.policy
         checkpointing = policy.is_activation_checkpointing
         if checkpointing:  # it would turn the KV cache off
@@ -336,6 +333,7 @@ class PPOTrainer:
         try:
             if self.zero3:
                 import deepspeed
+                from trl.models.utils import add_hooks, remove_hooks
 
                 with deepspeed.zero.GatheredParameters(list(policy.parameters())):
                     remove_hooks(self.model)
