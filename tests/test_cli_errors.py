@@ -258,11 +258,12 @@ def test_ppo_rule_reward_that_cannot_be_imported(tmp_path):
                          "ppo.reward.function 'no_such_module:score' cannot be imported", out=out)
 
 
-def test_ppo_refuses_a_distributed_strategy_it_cannot_run(tmp_path):
+def test_distributed_ppo_checks_its_inputs_before_launching(tmp_path):
+    out = tmp_path / "out"
     path = tiny_recipe(tmp_path, "ppo.yaml")
-    assert_clean_failure(["ppo", str(path), "--set", f"model.name_or_path={TINY}", "--set",
-                          f"ppo.reward.model={TINY}", "--set", "distributed.strategy=zero3"],
-                         "runs in one process for now")
+    assert_clean_failure(["ppo", str(path), "-o", str(out), "--set", "model.name_or_path=builtin:tiny-gpt2",
+                          "--set", "ppo.reward={function: 'no_such_module:score'}", "--set", "distributed.strategy=zero3",
+                          "--set", "distributed.num_processes=2"], "cannot be imported", out=out)  # fmt: skip
 
 
 def test_grpo_has_no_critic_to_set(tmp_path):

@@ -152,6 +152,10 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_finishes(tmp_path):
 def test_every_recipe_validates_and_dry_runs(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative output_dir lands here, and must not be created
     text = (REPO / recipe).read_text()
+    if "\nstages:" in text:
+        pytest.skip("a pipeline recipe: tests/test_pipeline.py dry-runs it")
+    if re.search(r"^stage: (eval|generate)", text, re.M):
+        pytest.skip("tests/test_eval_e2e.py validates and dry-runs eval and generate recipes")
     overrides = []
     if "../shared" in text and not (REPO.parent / "shared").is_dir():
         pytest.skip("this recipe reads ../shared, which is absent")
@@ -176,7 +180,8 @@ def test_help_does_not_import_torch():
     code = "import sys; from rlhf_cli.cli import app; app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().endswith("False")
-    for args in (["sft", "--help"], ["recipe", "validate", str(TINY / "sft.yaml")]):
+    for args in (["sft", "--help"], ["eval", "--help"], ["generate", "--help"],
+                 ["recipe", "validate", str(TINY / "sft.yaml")]):
         code = f"import sys; from rlhf_cli.cli import app; app({args!r}, standalone_mode=False); print('torch' in sys.modules)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert result.stdout.strip().endswith("False"), args

@@ -15,7 +15,8 @@ from rlhf_cli.errors import UserError
 
 app = typer.Typer(
     name="rlhf",
-    help="RLHF on the Hugging Face stack: supervised fine-tuning, reward models and PPO, each from one YAML recipe.",
+    help="RLHF on the Hugging Face stack: supervised fine-tuning, reward models, PPO and evaluation, each from one "
+    "YAML recipe.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -37,15 +38,21 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the new
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Validate, print the trainer config and launch command; start nothing.")
 ]
+PlanOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Validate and print the plan (models, data, sampling, files); load nothing.")
+]
 StageOpt = Annotated[
-    Optional[str], typer.Option("--stage", help="sft, rm or ppo; default: the recipe's own `stage:` key.")
+    Optional[str],
+    typer.Option("--stage", help="sft, rm, ppo, eval or generate; default: the recipe's own `stage:` key."),
 ]
 
 
 def _fail(message: str, code: int = 2) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {message}", highlight=False)
+    # escape: a message quoting data ("columns [text]") must not be read as rich markup and lose the brackets
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -132,16 +139,82 @@ def ppo(
     _run("ppo", recipe, overrides, output_dir, overwrite, resume, dry_run)
 
 
+@app.command("eval")
+@user_errors
+def evaluate(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: PlanOpt = False,
+) -> None:
+    """Evaluate a policy against a reference, and a reward model on preference pairs; write a report.
+
+    Each part runs when the recipe's `eval:` section names its data: prompts, preferences, demonstrations, ppo_run. Writes eval.json, report.md, PNG plots and samples.jsonl.
+    """
+    from rlhf_cli.recipe import load_recipe
+    from rlhf_cli.stages.evaluate import run_eval
+
+    loaded = load_recipe(recipe, "eval", overrides or [])
+    raise typer.Exit(run_eval(loaded, output_dir=output_dir, overwrite=overwrite, dry_run=dry_run))
+
+
+@app.command()
+@user_errors
+def generate(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: PlanOpt = False,
+) -> None:
+    """Sample completions of a model for a prompt file into generations.jsonl (optionally scored by a reward).
+
+    Each line holds a prompt and one completion in prompt/completion form: the file is also SFT data, and several scored samples per prompt make new preference pairs.
+    """
+    from rlhf_cli.recipe import load_recipe
+    from rlhf_cli.stages.generate import run_generate
+
+    loaded = load_recipe(recipe, "generate", overrides or [])
+    raise typer.Exit(run_generate(loaded, output_dir=output_dir, overwrite=overwrite, dry_run=dry_run))
+
+
+@app.command()
+@user_errors
+def pipeline(
+    recipe: Annotated[str, typer.Argument(help="Path to the pipeline recipe (shared keys + stages:).", show_default=False)],
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    from_stage: Annotated[
+        Optional[str], typer.Option("--from", help="Re-run this stage and every stage after it (sft, rm, ppo, eval).")
+    ] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage, on the outputs already there.")] = None,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """SFT -> reward model -> PPO -> eval from one recipe, each stage's output wired into the next.
+
+    Every stage recipe and every hand-off (tokenizers, chat template, pad token, LoRA vs merged weights, lengths) is
+    checked before anything trains. Finished stages whose recipe and inputs are unchanged are skipped; an
+    interrupted stage resumes from its checkpoint. See docs/pipeline.md.
+    """
+    from rlhf_cli.pipeline import run_pipeline
+
+    code = run_pipeline(recipe, overrides=overrides or [], output_dir=output_dir, from_stage=from_stage, only=only,
+                        dry_run=dry_run)  # fmt: skip
+    if code:
+        raise typer.Exit(code)
+
+
 def _load_for_inspection(recipe: str, stage: str | None, overrides):
-    from rlhf_cli.recipe import STAGE_CONFIG, apply_overrides, read_recipe_file, validate_recipe
+    from rlhf_cli.recipe import RECIPE_STAGES, apply_overrides, read_recipe_file, validate_recipe
     from pathlib import Path
 
     raw = apply_overrides(read_recipe_file(recipe), overrides or [])
     chosen = stage or raw.get("stage")
-    if chosen not in STAGE_CONFIG:
+    if chosen not in RECIPE_STAGES:
         raise UserError(
-            f"{recipe}: cannot tell which stage this recipe is for; add `stage: sft`, `stage: rm` or `stage: ppo` to it, "
-            "or pass --stage."
+            f"{recipe}: cannot tell which stage this recipe is for; add `stage: sft`, `stage: rm`, `stage: ppo`, "
+            "`stage: eval` or `stage: generate` to it, or pass --stage."
         )
     return validate_recipe(raw, chosen, source=recipe, base_dir=Path(recipe).resolve().parent)
 
@@ -151,7 +224,8 @@ def _load_for_inspection(recipe: str, stage: str | None, overrides):
 def recipe_validate(recipe: RecipeArg, stage: StageOpt = None, overrides: SetOpt = None) -> None:
     """Check a recipe: keys, types, TRL training fields, paths. Loads no model and no data."""
     loaded = _load_for_inspection(recipe, stage, overrides)
-    typer.echo(f"{recipe}: OK ({loaded.stage or stage} recipe, model {loaded.model.name_or_path})")
+    model = f"model {loaded.model.name_or_path}" if loaded.model else "no policy model"
+    typer.echo(f"{recipe}: OK ({loaded.stage or stage} recipe, {model})")
 
 
 @recipe_app.command("show")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 _CAPITALS = {
@@ -136,8 +137,60 @@ def write_demo_data(directory: str | Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+def _answers() -> dict[str, str]:
+    """Question -> the word a correct answer must contain (the last word of the correct fact)."""
+    return {question: fact.rstrip(".").split()[-1] for question, fact, _ in _questions(random.Random(0))}
+
+
+def correct_answer(prompts, completions) -> list[float]:
+    """A rule judge for the demo task: 1.0 when the completion states the right answer, else 0.0.
+
+    The answer word must appear as a whole word: after "is " for sums, capitals, colours and opposites ("1 plus 1
+    is 2"), anywhere for animal sounds ("A dog barks"). Politeness is not judged, so next to the demo reward model
+    (which learnt mostly politeness) it is the independent check of `rlhf eval`'s judge: point
+    `eval.judge.function` at `rlhf_cli.demo:correct_answer`. A prompt it does not know scores 0.0.
+    """
+    answers = _answers()
+    scores = []
+    for prompt, completion in zip(prompts, completions):
+        question = prompt if isinstance(prompt, str) else next(
+            (m["content"] for m in reversed(prompt) if m["role"] == "user"), "")  # fmt: skip
+        answer = answers.get(question.strip())
+        if answer is None:
+            scores.append(0.0)
+            continue
+        before = "" if question.startswith("What sound") else r"\bis "
+        scores.append(1.0 if re.search(before + re.escape(answer) + r"\b", completion) else 0.0)
+    return scores
+
+
+HELDOUT_SEED = 1
+
+
+def write_heldout_data(directory: str | Path, seed: int = HELDOUT_SEED, pairs: int = 128,
+                       demonstrations: int = 64) -> dict[str, Path]:  # fmt: skip
+    """Write heldout-preference.jsonl and heldout-sft.jsonl into `directory`, for `rlhf eval`.
+
+    The questions are the demo task's (there are no others), but the answers are drawn with another seed, and rows
+    that also occur in the training files (seed 0) are left out, so no scored pair or demonstration was trained on.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    trained, fresh = build_demo_rows(0), build_demo_rows(seed)
+    paths = {}
+    for name, split, count in (("heldout-preference", "preference", pairs), ("heldout-sft", "sft", demonstrations)):
+        seen = {json.dumps(row, sort_keys=True) for row in trained[split]}
+        rows = [row for row in fresh[split] if json.dumps(row, sort_keys=True) not in seen][:count]
+        path = paths[name] = directory / f"{name}.jsonl"
+        with path.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return paths
+
+
 if __name__ == "__main__":  # python -m rlhf_cli.demo recipes/tiny/data
     import sys
 
-    for split, written in write_demo_data(sys.argv[1] if len(sys.argv) > 1 else "recipes/tiny/data").items():
+    target = sys.argv[1] if len(sys.argv) > 1 else "recipes/tiny/data"
+    for split, written in {**write_demo_data(target), **write_heldout_data(target)}.items():
         print(split, written)

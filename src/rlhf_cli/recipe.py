@@ -224,17 +224,103 @@ class PPOSpec(_Strict):
         return self
 
 
-class Recipe(_Strict):
-    stage: Literal["sft", "rm", "ppo"] | None = Field(
-        None, description="Which command the recipe is for (sft, rm or ppo); checked when given."
+class SamplingSpec(_Strict):
+    """How responses are sampled; the keys `eval:` and `generate:` share."""
+
+    num_prompts: PositiveInt | None = Field(
+        None, description="Answer a seeded random subset of this many prompts; default: every prompt."
     )
-    model: ModelSpec = Field(description="The model to train (or to start from) and its tokenizer.")
-    data: DataSpec = Field(description="Training and evaluation data.")
+    max_new_tokens: PositiveInt = Field(64, description="Longest response, in tokens.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature; 0 decodes greedily. eval's KL estimate assumes 1.0."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling threshold (1.0 = off).")
+    batch_size: PositiveInt = Field(16, description="Prompts (or sequences) per forward pass.")
+    max_prompt_length: PositiveInt = Field(512, description="Keep only the last N tokens of a longer prompt.")
+
+
+class GenerateSpec(SamplingSpec):
+    """`rlhf generate`: sample completions of `model:` for a prompt file into generations.jsonl."""
+
+    prompts: DataSource = Field(
+        description="Prompts to answer: any data with a prompt (prompt, prompt_completion, preference, alpaca)."
+    )
+    num_samples: PositiveInt = Field(1, description="Completions per prompt.")
+    reward: RewardSpec | None = Field(
+        None, description="Optional: score every completion with a reward model or a rule function."
+    )
+
+
+class EvalSpec(SamplingSpec):
+    """`rlhf eval`: measure a policy (`model:`) against a reference, and a reward model on preference pairs."""
+
+    reference: str | None = Field(
+        None, description="Reference policy (directory or hub id), e.g. the SFT model; enables win rate and KL."
+    )
+    reward_model: str | None = Field(
+        None, description="Reward model (directory or hub id) that scores responses and preference pairs."
+    )
+    judge: RewardSpec | None = Field(
+        None, description="A second reward (model or rule) scoring the same responses: proxy vs judge."
+    )
+    prompts: DataSource | None = Field(
+        None, description="Prompts to sample the policy (and reference) on; absent: no sampling."
+    )
+    preferences: DataSource | None = Field(
+        None, description="Held-out preference pairs for the reward model's accuracy, calibration and length bias."
+    )
+    demonstrations: DataSource | None = Field(
+        None, description="Held-out SFT data for the perplexity of the policy (and reference)."
+    )
+    ppo_run: str | None = Field(
+        None, description="A `rlhf ppo` run directory: its metrics.jsonl becomes training-curve plots."
+    )
+    num_samples_in_report: int = Field(8, ge=0, description="Prompts shown with both responses in report.md.")
+    max_length: PositiveInt = Field(
+        512, description="Longest preference pair or demonstration (prompt + response) in tokens; a longer one "
+        "keeps its last N tokens."
+    )
+    calibration_buckets: PositiveInt = Field(4, description="Equal-count score-gap buckets of the calibration table.")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> EvalSpec:
+        if not (self.prompts or self.preferences or self.demonstrations or self.ppo_run):
+            raise ValueError("nothing to evaluate: give prompts, preferences, demonstrations or ppo_run")
+        if self.preferences and not self.reward_model:
+            raise ValueError("preferences are scored by a reward model: set reward_model")
+        if self.judge and not self.prompts:
+            raise ValueError("judge scores sampled responses: it needs prompts")
+        if self.reference and not (self.prompts or self.demonstrations):
+            raise ValueError("reference is compared on prompts or demonstrations: give one of them")
+        return self
+
+
+TRAINING_STAGES = ("sft", "rm", "ppo")
+RECIPE_STAGES = (*TRAINING_STAGES, "eval", "generate")
+COMMANDS = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo", "eval": "rlhf eval",
+            "generate": "rlhf generate"}  # fmt: skip
+
+
+class Recipe(_Strict):
+    stage: Literal["sft", "rm", "ppo", "eval", "generate"] | None = Field(
+        None, description="Which command the recipe is for (sft, rm, ppo, eval or generate); checked when given."
+    )
+    model: ModelSpec | None = Field(
+        None,
+        description="The model to train (or to start from) and its tokenizer. Required, except by eval, where "
+        "it is the policy to evaluate (absent in a reward-model-only evaluation).",
+    )
+    data: DataSpec | None = Field(
+        None, description="Training and evaluation data; required by sft, rm and ppo (eval and generate name "
+        "their data in their own section)."
+    )
     training: dict[str, Any] = Field(
         default_factory=dict,
         description="Keys of the stage's TRL config (SFTConfig for sft, RewardConfig for train-rm).",
     )
     ppo: PPOSpec | None = Field(None, description="PPO only: reward, critic and reference models.")
+    eval: EvalSpec | None = Field(None, description="eval only: what to evaluate, on which data, how to sample.")
+    generate: GenerateSpec | None = Field(None, description="generate only: prompts and sampling.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="How many processes and which DeepSpeed/DDP strategy."
     )
@@ -246,6 +332,8 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _fits_builtin_positions(self) -> Recipe:
+        if self.model is None or self.data is None:
+            return self
         if self.model.is_builtin and self.data.max_length > self.model.builtin.n_positions:
             raise ValueError(
                 f"data.max_length ({self.data.max_length}) exceeds model.builtin.n_positions "
@@ -255,7 +343,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _merge_needs_full_weights(self) -> Recipe:
-        if self.model.lora and self.model.lora.merge and self.distributed.strategy == "zero3":
+        if self.model and self.model.lora and self.model.lora.merge and self.distributed.strategy == "zero3":
             raise ValueError(
                 "model.lora.merge cannot run under zero3 (weights are sharded); train with merge: false and merge "
                 "the saved adapter afterwards"
@@ -347,7 +435,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 _PATH_KEYS = {"model.name_or_path", "model.tokenizer", "model.chat_template", "data.train.path", "data.eval.path",
-              "ppo.reward.model", "ppo.value_model", "ppo.ref_model"}
+              "ppo.reward.model", "ppo.value_model", "ppo.ref_model",
+              "eval.reference", "eval.reward_model", "eval.judge.model", "eval.prompts.path", "eval.preferences.path",
+              "eval.demonstrations.path", "eval.ppo_run", "generate.prompts.path", "generate.reward.model"}
 
 
 # ---------------------------------------------------------------- errors
@@ -373,7 +463,8 @@ def did_you_mean(word: str, options: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def _problem_lines(exc: ValidationError) -> list[str]:
+    """One sentence per schema problem, naming the key."""
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -391,8 +482,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"{where}: {msg}{shown}.")
-    plural = "s" if len(lines) > 1 else ""
-    return f"Recipe {source} has {len(lines)} problem{plural}: " + " ".join(lines)
+    return lines
 
 
 # ---------------------------------------------------------------- paths
@@ -416,35 +506,72 @@ def _resolve_path(value: str | None, base_dir: Path, *, must_exist: bool, what: 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
     model = recipe.model
-    if not model.is_builtin:
-        model.name_or_path = _resolve_path(model.name_or_path, base_dir, must_exist=False, what="model.name_or_path")
-    model.tokenizer = _resolve_path(model.tokenizer, base_dir, must_exist=False, what="model.tokenizer")
-    if model.chat_template and "{" not in model.chat_template:
-        path = _resolve_path(model.chat_template, base_dir, must_exist=True, what="model.chat_template")
-        model.chat_template = Path(path).read_text(encoding="utf-8")
+    if model is not None:
+        if not model.is_builtin:
+            model.name_or_path = _resolve_path(model.name_or_path, base_dir, must_exist=False,
+                                               what="model.name_or_path")  # fmt: skip
+        model.tokenizer = _resolve_path(model.tokenizer, base_dir, must_exist=False, what="model.tokenizer")
+        if model.chat_template and "{" not in model.chat_template:
+            path = _resolve_path(model.chat_template, base_dir, must_exist=True, what="model.chat_template")
+            model.chat_template = Path(path).read_text(encoding="utf-8")
     if recipe.ppo is not None:
         ppo = recipe.ppo
         ppo.reward.model = _resolve_path(ppo.reward.model, base_dir, must_exist=False, what="ppo.reward.model")
         ppo.value_model = _resolve_path(ppo.value_model, base_dir, must_exist=False, what="ppo.value_model")
         ppo.ref_model = _resolve_path(ppo.ref_model, base_dir, must_exist=False, what="ppo.ref_model")
-    for split_name in ("train", "eval"):
-        source = getattr(recipe.data, split_name)
+    sources = {}
+    if recipe.data is not None:
+        sources.update({"data.train": recipe.data.train, "data.eval": recipe.data.eval})
+    if recipe.eval is not None:
+        spec = recipe.eval
+        spec.reference = _resolve_path(spec.reference, base_dir, must_exist=False, what="eval.reference")
+        spec.reward_model = _resolve_path(spec.reward_model, base_dir, must_exist=False, what="eval.reward_model")
+        if spec.judge is not None:
+            spec.judge.model = _resolve_path(spec.judge.model, base_dir, must_exist=False, what="eval.judge.model")
+        spec.ppo_run = _resolve_path(spec.ppo_run, base_dir, must_exist=True, what="eval.ppo_run")
+        sources.update({f"eval.{name}": getattr(spec, name) for name in ("prompts", "preferences", "demonstrations")})
+    if recipe.generate is not None:
+        spec = recipe.generate
+        if spec.reward is not None:
+            spec.reward.model = _resolve_path(spec.reward.model, base_dir, must_exist=False,
+                                              what="generate.reward.model")  # fmt: skip
+        sources["generate.prompts"] = spec.prompts
+    for what, source in sources.items():
         if source is not None and source.path is not None:
-            source.path = _resolve_path(source.path, base_dir, must_exist=True, what=f"data.{split_name}.path")
+            source.path = _resolve_path(source.path, base_dir, must_exist=True, what=f"{what}.path")
 
 
 # ---------------------------------------------------------------- entry points
 
 
+# The sections each stage cannot run without (besides what the schema itself requires).
+_REQUIRED_SECTIONS = {"sft": ("model", "data"), "rm": ("model", "data"), "ppo": ("model", "data"),
+                      "eval": ("eval",), "generate": ("model", "generate")}  # fmt: skip
+
+
 def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
-    """Validate a raw recipe mapping for `stage` ('sft' or 'rm') and resolve its paths."""
+    """Validate a raw recipe mapping for `stage` (one of RECIPE_STAGES) and resolve its paths."""
+    problems = []
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_format_validation_error(exc, source)) from None
+        problems = _problem_lines(exc)
+    if raw.get("stage") in (None, stage):  # a recipe for another command gets the message below instead
+        missing = [f"{key}: required key is missing." for key in _REQUIRED_SECTIONS[stage] if raw.get(key) is None]
+        problems = missing + problems
+    if problems:
+        plural = "s" if len(problems) > 1 else ""
+        raise UserError(f"Recipe {source} has {len(problems)} problem{plural}: " + " ".join(problems))
     if recipe.stage is not None and recipe.stage != stage:
-        command = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo"}[recipe.stage]
-        raise UserError(f"Recipe {source} says `stage: {recipe.stage}`; run it with `{command}`.")
+        raise UserError(f"Recipe {source} says `stage: {recipe.stage}`; run it with `{COMMANDS[recipe.stage]}`.")
+    if stage not in TRAINING_STAGES:
+        _check_sections_without_training(recipe, stage, source)
+        _resolve_paths(recipe, base_dir or Path.cwd())
+        return recipe
+    for section in ("eval", "generate"):
+        if getattr(recipe, section) is not None:
+            raise UserError(f"Recipe {source} has an `{section}:` section, but it is run as the {stage} stage; "
+                            f"`{section}:` belongs in a recipe for `{COMMANDS[section]}`.")  # fmt: skip
     if (stage == "ppo") != (recipe.ppo is not None):
         needed = "needs a `ppo:` section (reward, value_model, ref_model)" if stage == "ppo" else "has a `ppo:` section"
         raise UserError(f"Recipe {source} {needed}, but it is run as the {stage} stage.")
@@ -457,6 +584,29 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
         raise UserError(f"Recipe {source} has a bad `training` section for {config_class}: " + " ".join(problems))
     _resolve_paths(recipe, base_dir or Path.cwd())
     return recipe
+
+
+def _check_sections_without_training(recipe: Recipe, stage: str, source: str) -> None:
+    """eval and generate train nothing: no `training:`, `data:`, `ppo:`, LoRA or multi-process launch."""
+    own = "eval.prompts, eval.preferences or eval.demonstrations" if stage == "eval" else "generate.prompts"
+    other = "generate" if stage == "eval" else "eval"
+    refusals = [
+        (recipe.training, f"trains nothing, so it takes no `training:` section; sampling settings go in `{stage}:`"),
+        (recipe.data, f"reads no `data:` section; its data goes in {own}"),
+        (recipe.ppo, "takes no `ppo:` section"),
+        (getattr(recipe, other), f"takes no `{other}:` section (that is the {other} stage's)"),
+        (recipe.model is not None and recipe.model.lora,
+         "trains nothing: remove model.lora (a saved LoRA adapter directory loads as it is)"),
+        (recipe.distributed.strategy != "none", "runs in one process: distributed.strategy must be none"),
+    ]  # fmt: skip
+    for present, reason in refusals:
+        if present:
+            raise UserError(f"Recipe {source}: the {stage} stage {reason}.")
+    if stage == "eval" and recipe.model is None:
+        needs = [key for key in ("prompts", "demonstrations") if getattr(recipe.eval, key) is not None]
+        if needs:
+            raise UserError(f"Recipe {source}: eval.{needs[0]} is for evaluating a policy, and the recipe names "
+                            "none; set model.name_or_path to the policy.")  # fmt: skip
 
 
 def load_recipe(path: str | Path, stage: str, overrides: list[str] | None = None) -> Recipe:

@@ -28,6 +28,7 @@ are exactly what the functions in `rlhf_cli.evaluation.metrics` return, so a sta
         "judge": {                               # an independent judge scoring the same responses
             "name": str,
             "win_rate": {...as in policy...}, "policy_score": {...}, "reference_score": {...},
+            "proxy_correlation": float,          # metrics.pearson(reward-model scores, judge scores)
         },
     }
 
@@ -187,7 +188,11 @@ def _perplexity_section(perplexity: dict) -> list[str]:
 
 def _judge_section(judge: dict) -> list[str]:
     title = f"## Judge: {_cell(judge['name'])}" if judge.get("name") else "## Judge"
-    return [title, ""] + _scores_and_wins(judge)
+    lines = [title, ""] + _scores_and_wins(judge)
+    if judge.get("proxy_correlation") is not None:
+        lines += [f"Proxy vs judge: Pearson r between reward-model and judge scores over every scored response "
+                  f"= **{_fmt(judge['proxy_correlation'])}**.", ""]  # fmt: skip
+    return lines
 
 
 def _samples_section(samples: list[dict]) -> list[str]:

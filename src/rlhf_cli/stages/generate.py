@@ -1,0 +1,423 @@
+"""`rlhf generate`: sample completions of `model:` for a prompt file into generations.jsonl.
+
+The sampling and scoring parts are what `rlhf eval` builds on too: load a causal LM or a reward, sample responses
+in seeded, left-padded batches (with a progress bar), and score (prompt, response) pairs with a reward model or a
+rule function. Like every stage, the command checks all its inputs before it writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.launch import RESOLVED_RECIPE
+from rlhf_cli.recipe import ModelSpec, Recipe, RewardSpec, SamplingSpec, recipe_to_yaml
+from rlhf_cli.rundir import prepare_run_dir, print_summary, write_summary
+from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
+
+if TYPE_CHECKING:
+    import torch
+
+GENERATIONS_FILE = "generations.jsonl"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def check_output_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """eval and generate write a fresh directory: a non-empty one needs --overwrite (there is nothing to resume)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"Output directory {run_dir} exists and is a file.")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"Output directory {run_dir} is not empty. Pass --overwrite to replace it, or choose another "
+                        "--output-dir.")  # fmt: skip
+
+
+def device() -> torch.device:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_architecture(path: str, kind: str, what: str) -> None:
+    """A reward model where a policy belongs (or the reverse) loads with a freshly initialised head and gives
+    meaningless numbers without any error; say so before loading it."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = AutoConfig.from_pretrained(path).architectures or []
+    except (OSError, ValueError):
+        return  # no config to read (an adapter directory, say): loading will tell
+    if not architectures:
+        return
+    if kind == "reward":
+        fits = any(name.endswith("ForSequenceClassification") for name in architectures)
+        wanted = "a reward model (a sequence classifier, as `rlhf train-rm` saves)"
+    else:
+        fits = any(name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for name in architectures)
+        wanted = "a causal language model (as `rlhf sft` or `rlhf ppo` saves)"
+    if not fits:
+        raise UserError(f"{what} ({path}) is a {', '.join(architectures)}, but it must be {wanted}.")
+
+
+def companion_spec(spec: ModelSpec | None, path: str) -> ModelSpec:
+    """The ModelSpec of another model of the run (reference, reward model): the policy's dtype and loading flags."""
+    if spec is None:
+        return ModelSpec(name_or_path=path)
+    return spec.model_copy(update={"name_or_path": path, "revision": None, "gguf_file": None, "tokenizer": None,
+                                   "chat_template": None, "lora": None})  # fmt: skip
+
+
+def load_causal_lm(spec: ModelSpec, seed: int, what: str, *, conversational: bool, tokenizer=None):
+    """(model, tokenizer) ready for inference on this machine's device. With `tokenizer` given (the policy's, for
+    the reference model) the model is loaded against it."""
+    from rlhf_cli.models import load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(spec, seed)
+    check_architecture(path, "causal_lm", what)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(spec, path, conversational=conversational)
+    model = load_model(spec, path, "causal_lm", tokenizer)
+    return model.eval().to(device()), tokenizer
+
+
+def same_vocabulary(one, other) -> bool:
+    return one.get_vocab() == other.get_vocab() and one.eos_token == other.eos_token
+
+
+@dataclass
+class Scorer:
+    """A reward: a reward model (with its own tokenizer) or a rule function `fn(prompts, completions) -> floats`."""
+
+    name: str
+    what: str  # the recipe key, for messages
+    model: object = None
+    tokenizer: object = None
+    rule: object = None
+    reads_policy_ids: bool = False  # the reward model's tokenizer is the policy's: score the sampled ids as they are
+
+
+def load_scorer(spec: RewardSpec, what: str, policy_spec: ModelSpec | None, policy_tokenizer, *,
+                conversational: bool, model_key: str | None = None) -> Scorer:  # fmt: skip
+    """Import the rule, or load the reward model and its tokenizer; everything checked here, before any output.
+    `what` is the recipe section (messages name `what.function` / `what.model`, or `model_key` when given)."""
+    if spec.function:
+        from rlhf_cli.ppo.trainer import load_rule_reward
+
+        try:
+            rule = load_rule_reward(spec.function)
+        except UserError as exc:  # its message names the PPO key; this one is the eval/generate key
+            raise UserError(str(exc).replace("ppo.reward.function", f"{what}.function", 1)) from None
+        return Scorer(name=spec.function, what=f"{what}.function", rule=rule)
+    from rlhf_cli.models import load_model, load_tokenizer
+
+    key = model_key or f"{what}.model"
+    model_spec = companion_spec(policy_spec, spec.model)
+    check_architecture(spec.model, "reward", key)
+    tokenizer = load_tokenizer(model_spec, spec.model, conversational=conversational)
+    model = load_model(model_spec, spec.model, "reward", tokenizer).eval().to(device())
+    reads_policy_ids = policy_tokenizer is not None and same_vocabulary(tokenizer, policy_tokenizer)
+    return Scorer(name=spec.model, what=key, model=model, tokenizer=tokenizer,
+                  reads_policy_ids=reads_policy_ids)  # fmt: skip
+
+
+# ---------------------------------------------------------------- prompts and batches
+
+
+def choose_prompts(total: int, num_prompts: int | None, seed: int) -> list[int]:
+    """Indices of the prompts to answer: all, or a seeded random subset of `num_prompts`, in file order."""
+    if num_prompts is None or num_prompts >= total:
+        return list(range(total))
+    return sorted(random.Random(seed).sample(range(total), num_prompts))
+
+
+def positions_limit(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def prompt_budget(model, sampling: SamplingSpec) -> int:
+    """Prompt tokens kept: max_prompt_length, and room left for max_new_tokens within the model's positions."""
+    limit = positions_limit(model)
+    if limit is None:
+        return sampling.max_prompt_length
+    return max(1, min(sampling.max_prompt_length, limit - sampling.max_new_tokens))
+
+
+def to_batch(queries: list[list[int]], responses: list[list[int]], pad_id: int, where):
+    """The rollout layout of `rlhf_cli.ppo.rollout.Batch`: left-padded queries, right-padded responses."""
+    import torch
+
+    from rlhf_cli.ppo.rollout import Batch
+    from rlhf_cli.ppo.trainer import left_pad
+
+    query_ids, query_mask = left_pad(queries, pad_id, where)
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for row, tokens in enumerate(responses):
+        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        response_mask[row, : len(tokens)] = 1
+    return Batch(query_ids, query_mask, response_ids.to(where), response_mask.to(where))
+
+
+def chunks(rows: int, size: int) -> list[range]:
+    return [range(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[blue]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn())  # fmt: skip
+
+
+# ---------------------------------------------------------------- sampling and scoring
+
+
+@dataclass
+class Responses:
+    """Sampled responses, one per query, in query order."""
+
+    queries: list[list[int]] = field(default_factory=list)  # the prompt tokens the model saw
+    tokens: list[list[int]] = field(default_factory=list)  # response tokens up to and including the first EOS
+    texts: list[str] = field(default_factory=list)  # decoded, special tokens left out
+    finished: list[bool] = field(default_factory=list)  # ended with EOS rather than at max_new_tokens
+
+
+def sample(model, tokenizer, queries: list[list[int]], sampling: SamplingSpec, seed: int, progress=None,
+           label: str = "sampling") -> Responses:  # fmt: skip
+    """Sample one response per query in batches of `sampling.batch_size`.
+
+    Batch k is sampled after torch.manual_seed(seed + k), so two models given the same queries and seed draw the
+    same random numbers (common random numbers: a model compared with itself ties on every prompt).
+    """
+    import torch
+
+    from rlhf_cli.ppo.rollout import response_mask_from
+    from rlhf_cli.ppo.trainer import left_pad
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos}
+    if sampling.temperature > 0:
+        options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    else:
+        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = Responses()
+    task = progress.add_task(label, total=len(queries)) if progress is not None else None
+    for number, rows in enumerate(chunks(len(queries), sampling.batch_size)):
+        batch_queries = [queries[i] for i in rows]
+        query_ids, query_mask = left_pad(batch_queries, pad, model.device)
+        torch.manual_seed(seed + number)
+        with torch.no_grad(), _no_padding_false_alarm():
+            output = model.generate(input_ids=query_ids, attention_mask=query_mask, **options)
+        response_ids = output[:, query_ids.shape[1]:]
+        mask = response_mask_from(response_ids, eos).bool()
+        for row, query in enumerate(batch_queries):
+            tokens = response_ids[row][mask[row]].tolist()
+            out.queries.append(query)
+            out.tokens.append(tokens)
+            out.finished.append(eos in tokens)
+        out.texts.extend(tokenizer.batch_decode(out.tokens[-len(batch_queries):], skip_special_tokens=True))
+        if task is not None:
+            progress.advance(task, len(batch_queries))
+    return out
+
+
+@contextmanager
+def _no_padding_false_alarm():
+    """`generate` drops an all-ones attention mask (prompts of equal length), then warns "we strongly recommend
+    passing in an attention_mask" once finished rows are padded. The mask was passed; silence that one logger."""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def sequence_logprobs(model, queries: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int,
+                      progress=None, label: str = "log-probs") -> list[float]:  # fmt: skip
+    """sum_t log p(y_t | x, y_<t) of every response under `model`, at temperature 1 (the model's own
+    distribution, whatever temperature the responses were sampled at)."""
+    import torch
+
+    from rlhf_cli.ppo.rollout import policy_logprobs
+
+    sums: list[float] = []
+    task = progress.add_task(label, total=len(queries)) if progress is not None else None
+    for rows in chunks(len(queries), batch_size):
+        batch = to_batch([queries[i] for i in rows], [responses[i] for i in rows], pad_id, model.device)
+        with torch.no_grad():
+            logprobs = policy_logprobs(model, batch, 1.0)
+        sums.extend((logprobs * batch.response_mask).sum(1).tolist())
+        if task is not None:
+            progress.advance(task, len(rows))
+    return sums
+
+
+def score(scorer: Scorer, prompts: list, responses: Responses, *, max_prompt_length: int, batch_size: int,
+          progress=None, label: str = "scoring") -> list[float]:  # fmt: skip
+    """The reward of every (prompt, response).
+
+    A reward model reads prompt + response at the response's last token, as in PPO. When it shares the policy's
+    tokenizer it reads the sampled token ids themselves; otherwise prompt and response are re-tokenized with its own
+    tokenizer (the prompt through its chat template) and a finished response gets its EOS back. A rule gets the
+    prompts as in the data and the decoded responses.
+    """
+    task = progress.add_task(label, total=len(prompts)) if progress is not None else None
+    if scorer.rule is not None:
+        try:
+            values = scorer.rule(list(prompts), list(responses.texts))
+        except Exception as exc:  # the user's code: say whose it is, in one paragraph
+            raise UserError(f"{scorer.what} {scorer.name!r} failed: {type(exc).__name__}: {exc}") from None
+        values = list(values) if not isinstance(values, (str, bytes)) and hasattr(values, "__len__") else None
+        if values is None or len(values) != len(prompts):
+            raise UserError(f"{scorer.what} {scorer.name!r} must return one number per completion "
+                            f"({len(prompts)} here).")  # fmt: skip
+        try:
+            values = [float(value) for value in values]
+        except (TypeError, ValueError):
+            raise UserError(f"{scorer.what} {scorer.name!r} returned something that is not a number.") from None
+        if task is not None:
+            progress.advance(task, len(prompts))
+        return values
+
+    import torch
+
+    from rlhf_cli.ppo.rollout import reward_scores
+    from rlhf_cli.ppo.trainer import encode_prompts
+
+    tokenizer = scorer.tokenizer
+    if scorer.reads_policy_ids:
+        queries, answers = responses.queries, responses.tokens
+    else:
+        queries = encode_prompts({"prompt": list(prompts)}, tokenizer, max_prompt_length)
+        answers = []
+        for text, finished in zip(responses.texts, responses.finished):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            answers.append(ids + [tokenizer.eos_token_id] if finished or not ids else ids)
+    limit = positions_limit(scorer.model)
+    if limit is not None:  # the reward model may read fewer positions than the policy wrote: drop prompt tokens
+        queries = [query[-max(1, limit - len(answer)):] for query, answer in zip(queries, answers)]
+        answers = [answer[-(limit - len(query)):] for query, answer in zip(queries, answers)]
+    values: list[float] = []
+    for rows in chunks(len(queries), batch_size):
+        batch = to_batch([queries[i] for i in rows], [answers[i] for i in rows], tokenizer.pad_token_id,
+                         scorer.model.device)  # fmt: skip
+        with torch.no_grad():
+            values.extend(reward_scores(scorer.model, batch).float().tolist())
+        if task is not None:
+            progress.advance(task, len(rows))
+    return values
+
+
+def completion_field(prompt, text: str):
+    """The completion in the prompt's style: a message list answers a message list (TRL's conversational
+    prompt/completion), text answers text."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_generate(recipe: Recipe, *, output_dir: str | None = None, overwrite: bool = False,
+                 dry_run: bool = False) -> int:  # fmt: skip
+    spec = recipe.generate
+    run_dir = resolve_run_dir(recipe, output_dir)
+    recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
+    if dry_run:
+        _show_plan(recipe, run_dir)
+        return 0
+    check_output_dir(run_dir, overwrite=overwrite)
+    started = time.time()
+
+    from rlhf_cli.data import load_data
+    from rlhf_cli.ppo.trainer import encode_prompts
+
+    quiet_hf_progress_bars()
+    dataset = load_data(spec.prompts, "prompt", what="generate.prompts")
+    conversational = isinstance(dataset[0]["prompt"], list)
+    model, tokenizer = load_causal_lm(recipe.model, recipe.seed, "model", conversational=conversational)
+    scorer = None
+    if spec.reward is not None:
+        scorer = load_scorer(spec.reward, "generate.reward", recipe.model, tokenizer, conversational=conversational)
+    chosen = choose_prompts(len(dataset), spec.num_prompts, recipe.seed)
+    prompts = [dataset[i]["prompt"] for i in chosen for _ in range(spec.num_samples)]
+    queries = encode_prompts({"prompt": prompts}, tokenizer, prompt_budget(model, spec))
+
+    # Every input is good: from here on the run directory is written.
+    prepare_run_dir(run_dir, clear=overwrite)
+    (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    with progress_bar() as progress:
+        responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling")
+        scores = None
+        if scorer is not None:
+            scores = score(scorer, prompts, responses, max_prompt_length=spec.max_prompt_length,
+                           batch_size=spec.batch_size, progress=progress, label="scoring")  # fmt: skip
+    with (run_dir / GENERATIONS_FILE).open("w", encoding="utf-8") as handle:
+        for row, prompt in enumerate(prompts):
+            record = {"prompt": prompt, "completion": completion_field(prompt, responses.texts[row]),
+                      "sample": row % spec.num_samples, "num_tokens": len(responses.tokens[row]),
+                      "finished": responses.finished[row]}  # fmt: skip
+            if scores is not None:
+                record["score"] = scores[row]
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    lengths = [len(tokens) for tokens in responses.tokens]
+    summary = {
+        "stage": "generate",
+        "model": recipe.model.name_or_path,
+        "prompts": len(chosen),
+        "completions": len(prompts),
+        "mean length (tokens)": sum(lengths) / len(lengths),
+        "EOS rate": sum(responses.finished) / len(prompts),
+    }
+    if scores is not None:
+        summary["mean score"] = sum(scores) / len(scores)
+    summary.update({"wall time (s)": round(time.time() - started, 1), "output": str(run_dir / GENERATIONS_FILE)})
+    write_summary(run_dir, summary)
+    print_summary("Generate: done", summary)
+    return 0
+
+
+def _show_plan(recipe: Recipe, run_dir: Path) -> None:
+    spec = recipe.generate
+    plan = {
+        "model": recipe.model.name_or_path,
+        "prompts": spec.prompts.path or spec.prompts.name,
+        "prompts answered": spec.num_prompts or "all",
+        "completions per prompt": spec.num_samples,
+        "sampling": sampling_line(spec),
+        "reward": (spec.reward.model or spec.reward.function) if spec.reward else "none",
+        "writes": f"{run_dir}/{{{RESOLVED_RECIPE}, {GENERATIONS_FILE}, summary.json}}",
+    }
+    show_plan("Generate — plan", plan)
+
+
+def sampling_line(spec: SamplingSpec) -> str:
+    mode = "greedy" if spec.temperature == 0 else f"temperature {spec.temperature}, top_p {spec.top_p}"
+    return (f"{mode}, up to {spec.max_new_tokens} new tokens, batches of "
+            f"{spec.batch_size}, prompts cut to their last {spec.max_prompt_length} tokens")
+
+
+def show_plan(title: str, plan: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in plan.items():
+        table.add_row(key, str(value))
+    console = Console()
+    console.print(table)
+    console.print("[dim]Dry run: nothing was started or written.[/]")
