@@ -204,7 +204,7 @@ class PhaseTimer:
 class PPOTrainer:
     def __init__(self, recipe: Recipe, run_dir: Path, prompts, *, precision: dict):
         from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs, set_seed
+        from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
 
         self.recipe, self.run_dir = recipe, run_dir
         self.config = config = PPOConfig(**recipe.training)
@@ -245,7 +245,9 @@ class PPOTrainer:
             optimizer, lambda update: 1.0 if config.lr_schedule == "constant" else max(0.0, 1 - update / total_updates)
         )
         self.model, self.optimizer = acc.prepare(trainable, optimizer)
-        self.unwrapped = acc.unwrap_model(self.model)  # once: unwrapping looks up package metadata every call
+        # Once, and only when wrapped: unwrapping looks up package metadata and imports DeepSpeed on every call.
+        self.distributed = acc.distributed_type != DistributedType.NO
+        self.unwrapped = acc.unwrap_model(self.model) if self.distributed else self.model
         self.ref = self._prepare_frozen(self.ref)
         self.reward_model = self._prepare_frozen(self.reward_model)
         self.judge_model = self._prepare_frozen(self.judge_model)
@@ -597,8 +599,9 @@ class PPOTrainer:
 
         acc = self.accelerator
         acc.wait_for_everyone()
-        full_state = acc.get_state_dict(self.model)  # every rank takes part; under ZeRO-3 only rank 0 gets weights
-        both = acc.unwrap_model(self.model)
+        # every rank takes part; under ZeRO-3 only rank 0 gets the gathered weights
+        full_state = acc.get_state_dict(self.model) if self.distributed else self.model.state_dict()
+        both = self.unwrapped
         if isinstance(both, LoraPolicyAndCritic):
             self._save_lora(both)
         else:

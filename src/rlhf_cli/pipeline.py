@@ -1,0 +1,404 @@
+"""`rlhf pipeline`: SFT -> reward model -> PPO -> eval from one recipe, each stage's output wired into the next.
+
+A pipeline recipe holds shared defaults (model, distributed, seed, report_to) and a section per stage under
+`stages:`; each section is an ordinary stage recipe minus what the pipeline wires in:
+
+    sft   model: the shared model                         -> OUT/sft
+    rm    model: OUT/sft (the SFT policy initialises the RM) -> OUT/rm
+    ppo   model: OUT/sft, ppo.reward.model: OUT/rm (critic init and reference follow) -> OUT/ppo
+    eval  model: OUT/ppo, eval.reference: OUT/sft, eval.reward_model: OUT/rm, eval.ppo_run: OUT/ppo -> OUT/eval
+
+A key set in a stage's section wins over the wiring. Every stage recipe is validated and every hand-off checked
+before anything trains. `OUT/pipeline.json` records each stage's content hash (its resolved recipe, its data files
+and the hashes of the stages it reads from); a stage whose hash is unchanged and that finished is skipped, a changed
+one re-runs with everything downstream, and an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.recipe import Recipe, apply_overrides, read_recipe_file, recipe_to_yaml, validate_recipe
+
+STAGE_ORDER = ("sft", "rm", "ppo", "eval")
+SHARED_KEYS = ("model", "distributed", "seed", "report_to")
+STATE_FILE = "pipeline.json"
+UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "eval": ("sft", "rm", "ppo")}
+
+
+@dataclass
+class PipelineStage:
+    name: str
+    recipe: Recipe
+    run_dir: Path
+    hash: str = ""
+    status: str = ""  # what this invocation did: ran, resumed, skipped
+    seconds: float = 0.0
+    summary: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- building the stage recipes
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def placeholder(stage: str) -> str:
+    """Stands for a stage's output while recipes are validated (it does not exist yet; validation would refuse a
+    missing path); `link_outputs` replaces it with the real directory afterwards."""
+    return f"rlhf-pipeline-output-of-{stage}"
+
+
+def link_outputs(recipe: Recipe, out: Path) -> None:
+    def real(value):
+        for stage in STAGE_ORDER:
+            if value == placeholder(stage):
+                return str(out / stage)
+        return value
+
+    recipe.model.name_or_path = real(recipe.model.name_or_path)
+    if recipe.ppo is not None:
+        recipe.ppo.reward.model = real(recipe.ppo.reward.model)
+    evaluation = getattr(recipe, "eval", None)
+    if evaluation is not None:
+        evaluation.reference = real(evaluation.reference)
+        evaluation.reward_model = real(evaluation.reward_model)
+
+
+def wired_stage_raw(name: str, section: dict, shared: dict, out: Path) -> dict:
+    """One stage's raw recipe: wiring and shared defaults first, the stage's own section on top."""
+    outputs = {stage: placeholder(stage) for stage in STAGE_ORDER}
+    base: dict = {key: shared[key] for key in ("distributed", "seed", "report_to") if key in shared}
+    if name == "sft":
+        base["model"] = copy.deepcopy(shared.get("model", {}))
+    elif name == "rm":
+        base["model"] = {"name_or_path": outputs["sft"]}
+    elif name == "ppo":
+        base["model"] = {"name_or_path": outputs["sft"]}
+        reward = section.get("ppo", {}).get("reward", {})
+        if "function" not in reward:  # a rule reward replaces the reward model
+            base["ppo"] = {"reward": {"model": outputs["rm"]}}
+    elif name == "eval":
+        base["model"] = {"name_or_path": outputs["ppo"]}
+        base["eval"] = {"reference": outputs["sft"], "reward_model": outputs["rm"]}  # ppo_run: after validation
+    raw = _deep_merge(base, section)
+    raw["stage"] = name
+    raw["output_dir"] = str(out / name)
+    if name in ("rm", "ppo", "eval") and "model" in section and "name_or_path" not in section["model"]:
+        raw["model"]["name_or_path"] = base["model"]["name_or_path"]
+    return raw
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_dir: str | None = None):
+    """Read a pipeline recipe and return (pipeline directory, stages in order), every stage recipe validated."""
+    path = Path(path)
+    raw = apply_overrides(read_recipe_file(path), overrides or [])
+    unknown = sorted(set(raw) - {*SHARED_KEYS, "stages", "output_dir"})
+    if unknown:
+        raise UserError(
+            f"Pipeline recipe {path}: unknown top-level key(s) {', '.join(unknown)}; allowed: "
+            f"{', '.join([*SHARED_KEYS, 'stages', 'output_dir'])} (stage settings go under stages.<stage>)."
+        )
+    sections = raw.get("stages")
+    if not isinstance(sections, dict) or not sections:
+        raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with sections for sft, rm, ppo and eval.")
+    bad = sorted(set(sections) - set(STAGE_ORDER))
+    if bad:
+        raise UserError(f"Pipeline recipe {path}: unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGE_ORDER)}.")
+    missing = [name for name in STAGE_ORDER[:3] if name not in sections]
+    if missing:
+        raise UserError(f"Pipeline recipe {path}: stages.{missing[0]} is missing; a pipeline runs sft, rm and ppo.")
+    chosen = output_dir or raw.get("output_dir")
+    if not chosen:
+        raise UserError("No output directory: set `output_dir` in the pipeline recipe or pass --output-dir.")
+    out = Path(chosen).expanduser().resolve()
+    base_dir = path.resolve().parent
+    stages = []
+    for name in STAGE_ORDER:
+        if name not in sections:
+            continue
+        section = sections[name] or {}
+        if not isinstance(section, dict):
+            raise UserError(f"Pipeline recipe {path}: stages.{name} must be a mapping of recipe keys.")
+        for key in ("stage", "output_dir"):
+            if key in section:
+                raise UserError(f"Pipeline recipe {path}: stages.{name}.{key} is set by the pipeline; remove it.")
+        stage_raw = wired_stage_raw(name, section, raw, out)
+        try:
+            recipe = validate_recipe(stage_raw, name, source=f"{path} (stages.{name})", base_dir=base_dir)
+        except UserError as exc:
+            raise UserError(f"Stage {name}: {exc}") from None
+        link_outputs(recipe, out)
+        if name == "eval" and recipe.eval.ppo_run is None and "ppo" in sections:
+            recipe.eval.ppo_run = str(out / "ppo")  # validation wants it to exist; it will, once ppo has run
+        stages.append(PipelineStage(name, recipe, out / name))
+    check_lora_handoffs(stages)
+    return out, stages
+
+
+# ---------------------------------------------------------------- hand-off checks
+
+
+def check_lora_handoffs(stages: list[PipelineStage]) -> None:
+    """A stage whose output a later stage loads as a model must leave full weights, not only an adapter."""
+    readers = {stage.name for stage in stages}
+    for stage in stages:
+        lora = stage.recipe.model.lora
+        feeds = [name for name in STAGE_ORDER if stage.name in UPSTREAM[name] and name in readers]
+        if lora is not None and not lora.merge and feeds and stage.name != "eval":
+            raise UserError(
+                f"Stage {stage.name}: model.lora.merge is false, so {stage.run_dir} will hold only a LoRA adapter, "
+                f"but {', '.join(feeds)} load(s) it as a full model. Set stages.{stage.name}.model.lora.merge: true."
+            )
+
+
+def _tokenizer_facts(tokenizer) -> dict:
+    return {
+        "vocabulary": tokenizer.get_vocab(),
+        "EOS token": tokenizer.eos_token,
+        "pad token": tokenizer.pad_token,
+        "chat template": tokenizer.chat_template,
+    }
+
+
+def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
+    """Every model a stage reads that already exists (a link overridden by a path) must read the same token ids,
+    with the same special tokens and chat template, as the pipeline's own starting tokenizer."""
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.models import load_tokenizer, resolve_model_path
+
+    first = stages[0].recipe
+    base = load_tokenizer(first.model, resolve_model_path(first.model, first.seed), conversational=True)
+    expected = _tokenizer_facts(base)
+    produced = {str(stage.run_dir) for stage in stages}
+    for stage in stages:
+        links = [("model.name_or_path", stage.recipe.model.name_or_path)]
+        if stage.recipe.ppo is not None:
+            links += [("ppo.reward.model", stage.recipe.ppo.reward.model), ("ppo.value_model", stage.recipe.ppo.value_model),
+                      ("ppo.ref_model", stage.recipe.ppo.ref_model)]  # fmt: skip
+        evaluation = getattr(stage.recipe, "eval", None)
+        if evaluation is not None:
+            links += [("eval.reference", evaluation.reference), ("eval.reward_model", evaluation.reward_model)]
+        for key, path in links:
+            if not path or path in produced or path == first.model.name_or_path or not Path(path).is_dir():
+                continue  # produced by an earlier stage from the same start, or the start itself
+            try:
+                other = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as exc:
+                raise UserError(f"Stage {stage.name}: {key} ({path}) has no loadable tokenizer: {exc}") from None
+            for fact, value in _tokenizer_facts(other).items():
+                if fact == "pad token" and value is None:
+                    continue  # the stage supplies one (EOS) exactly as it does for the start
+                if value != expected[fact]:
+                    shown = "differs" if fact in ("vocabulary", "chat template") else f"is {value!r}, not {expected[fact]!r}"
+                    raise UserError(
+                        f"Stage {stage.name}: {key} ({path}) does not match the pipeline's tokenizer: its {fact} "
+                        f"{shown}. Every stage must read the same token ids with the same special tokens."
+                    )
+
+
+def check_lengths(stages: list[PipelineStage]) -> None:
+    """PPO's prompts plus responses must fit the policy's positions."""
+    ppo = next((stage for stage in stages if stage.name == "ppo"), None)
+    first = stages[0].recipe
+    if ppo is None or ppo.recipe.ppo.algorithm != "ppo" or not first.model.is_builtin:
+        return
+    from rlhf_cli.ppo.config import PPOConfig
+
+    longest = ppo.recipe.data.max_length + PPOConfig(**ppo.recipe.training).response_length
+    positions = first.model.builtin.n_positions
+    if longest > positions:
+        raise UserError(
+            f"Stage ppo: data.max_length + training.response_length = {longest} exceeds the model's {positions} "
+            "positions; shorten one of them."
+        )
+
+
+# ---------------------------------------------------------------- hashing and state
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
+        if file.is_file():
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_hash(stage: PipelineStage, upstream_hashes: list[str]) -> str:
+    """sha256 over the resolved recipe, the content of its local data files and the upstream stages' hashes."""
+    digest = hashlib.sha256(recipe_to_yaml(stage.recipe).encode())
+    data = stage.recipe.data
+    sources = [data.train, data.eval] if data is not None else []
+    evaluation = getattr(stage.recipe, "eval", None)
+    if evaluation is not None:
+        sources += [getattr(evaluation, key, None) for key in ("prompts", "preferences", "demonstrations")]
+    for source in sources:
+        if source is not None and getattr(source, "path", None) and Path(source.path).exists():
+            digest.update(_file_digest(source.path).encode())
+    for upstream in upstream_hashes:
+        digest.update(upstream.encode())
+    return digest.hexdigest()
+
+
+def read_state(out: Path) -> dict:
+    path = out / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_state(out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+
+def finished(stage: PipelineStage) -> bool:
+    marker = "eval.json" if stage.name == "eval" else "summary.json"
+    return (stage.run_dir / marker).is_file()
+
+
+# ---------------------------------------------------------------- running
+
+
+def run_one(stage: PipelineStage, *, overwrite: bool, resume: bool, dry_run: bool) -> int:
+    from rlhf_cli.stages import STAGES
+    from rlhf_cli.stages.common import run_stage
+    from rlhf_cli.stages.ppo import run_ppo
+
+    options = {"output_dir": str(stage.run_dir), "overwrite": overwrite, "dry_run": dry_run}
+    if stage.name == "eval":
+        from rlhf_cli.stages.evaluate import run_eval
+
+        return run_eval(stage.recipe, **options)
+    if stage.name == "ppo":
+        return run_ppo(stage.recipe, resume=resume, **options)
+    return run_stage(STAGES[stage.name], stage.recipe, resume=resume, **options)
+
+
+def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only=None, dry_run=False) -> int:
+    from rich.console import Console
+
+    console = Console()
+    out, stages = load_pipeline(path, overrides, output_dir)
+    names = [stage.name for stage in stages]
+    for flag, value in (("--from", from_stage), ("--only", only)):
+        if value is not None and value not in names:
+            raise UserError(f"{flag} {value}: this pipeline's stages are {', '.join(names)}.")
+    check_lengths(stages)
+    check_tokenizer_handoffs(stages)
+
+    hashes: dict[str, str] = {}
+    for stage in stages:
+        stage.hash = stage_hash(stage, [hashes[name] for name in UPSTREAM[stage.name] if name in hashes])
+        hashes[stage.name] = stage.hash
+    if dry_run:
+        for stage in stages:
+            console.rule(f"[bold]stage {stage.name}[/] -> {stage.run_dir}")
+            run_one(stage, overwrite=False, resume=False, dry_run=True)
+        return 0
+
+    state = read_state(out)
+    start = names.index(from_stage) if from_stage else 0
+    selected = [only] if only else names[start:]
+    for stage in stages:
+        if stage.name in selected:
+            continue
+        needed = only is not None and stage.name in UPSTREAM[only]
+        before_start = only is None and names.index(stage.name) < start
+        if (needed or before_start) and not finished(stage):
+            raise UserError(f"Stage {stage.name} has not finished in {stage.run_dir}; run it first (drop --from/--only).")
+        stage.status = "kept"
+    for stage in stages:
+        if stage.name not in selected:
+            continue
+        recorded = state.get(stage.name, {})
+        unchanged = recorded.get("hash") == stage.hash
+        forced = stage.name in (only, from_stage)
+        if unchanged and recorded.get("status") == "done" and finished(stage) and not forced:
+            stage.status = "skipped (unchanged)"
+            continue
+        from rlhf_cli.rundir import last_checkpoint
+
+        resume = (unchanged and recorded.get("status") == "started" and stage.run_dir.is_dir()
+                  and last_checkpoint(stage.run_dir) is not None and stage.name != "eval")  # fmt: skip
+        console.rule(f"[bold]stage {stage.name}[/]" + (" (resuming)" if resume else ""))
+        state[stage.name] = {"hash": stage.hash, "status": "started"}
+        write_state(out, state)
+        started = time.time()
+        code = run_one(stage, overwrite=not resume, resume=resume, dry_run=False)
+        stage.seconds = time.time() - started
+        if code != 0:
+            console.print(f"[red]Stage {stage.name} stopped (exit code {code}).[/] Run the same command again to "
+                          "continue: finished stages are skipped and this one resumes from its last checkpoint.")  # fmt: skip
+            return code
+        state[stage.name] = {"hash": stage.hash, "status": "done", "seconds": round(stage.seconds, 1)}
+        write_state(out, state)
+        stage.status = "resumed" if resume else "ran"
+    print_pipeline_summary(out, stages, state, console)
+    return 0
+
+
+# ---------------------------------------------------------------- the summary
+
+
+def _headline(stage: PipelineStage) -> str:
+    """The stage's key numbers from its summary.json / eval.json."""
+
+    def number(value):
+        return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
+
+    if stage.name == "eval":
+        path = stage.run_dir / "eval.json"
+        if not path.is_file():
+            return ""
+        policy = json.loads(path.read_text()).get("policy", {})
+        win = policy.get("win_rate", {})
+        parts = []
+        if win:
+            parts.append(f"win-rate vs SFT {number(win.get('win_rate'))} "
+                         f"[{number(win.get('ci_low'))}, {number(win.get('ci_high'))}]")  # fmt: skip
+        if "kl" in policy:
+            parts.append(f"KL {number(policy['kl'].get('kl'))}")
+        return ", ".join(parts)
+    path = stage.run_dir / "summary.json"
+    if not path.is_file():
+        return ""
+    summary = json.loads(path.read_text())
+    keys = {"sft": ("final loss", "eval_loss"), "rm": ("final accuracy", "eval_accuracy"),
+            "ppo": ("score (first steps)", "score (last steps)", "kl (last steps)",
+                    "reward (first steps)", "reward (last steps)")}[stage.name]  # fmt: skip
+    return ", ".join(f"{key} {number(summary[key])}" for key in keys if key in summary)
+
+
+def print_pipeline_summary(out: Path, stages: list[PipelineStage], state: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Pipeline: {out}", title_justify="left")
+    for column in ("stage", "this run", "wall time (s)", "key metrics", "output"):
+        table.add_column(column)
+    rows = []
+    for stage in stages:
+        seconds = stage.seconds or state.get(stage.name, {}).get("seconds", 0.0)
+        headline = _headline(stage)
+        table.add_row(stage.name, stage.status, f"{seconds:.1f}", headline, str(stage.run_dir))
+        rows.append({"stage": stage.name, "this run": stage.status, "wall time (s)": round(seconds, 1),
+                     "key metrics": headline, "output": str(stage.run_dir)})  # fmt: skip
+    console.print(table)
+    (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    evaluation = next((stage for stage in stages if stage.name == "eval"), None)
+    if evaluation is not None and (evaluation.run_dir / "eval.json").is_file():
+        console.print(f"[bold]Eval headline:[/] {_headline(evaluation)}; report in {evaluation.run_dir / 'report.md'}")
