@@ -274,3 +274,19 @@ def test_grpo_has_no_critic_to_set(tmp_path):
 def test_grpo_training_keys_are_grpo_config_keys(tmp_path):
     path = tiny_recipe(tmp_path, "grpo.yaml")
     assert_clean_failure(["ppo", str(path), "--set", "training.ppo_epochs=4"], "GRPOConfig", "ppo_epochs")
+
+
+@pytest.mark.parametrize(
+    ("setting", "fragment"),
+    [
+        ("ppo.alarms={windw: 3}", "unknown alarms key(s) windw"),
+        ("ppo.alarms={mode: loud}", "alarm mode must be one of off, warn, stop"),
+        ("training.lr_schedule=cosine", "lr_schedule must be 'constant' or 'linear'"),
+        ("training.gradient_accumulation_steps=3", "gradient_accumulation_steps must divide mini_batch_size"),
+    ],
+)
+def test_ppo_bad_alarm_and_schedule_settings(tmp_path, setting, fragment):
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    assert_clean_failure(["ppo", str(path), "-o", str(out), "--set", f"model.name_or_path={TINY}",
+                          "--set", f"ppo.reward.model={TINY}", "--set", setting], fragment, out=out)  # fmt: skip
