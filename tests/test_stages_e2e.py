@@ -231,7 +231,8 @@ def ppo_run(out: Path, sft: Path, rm: Path, *settings: str) -> list[dict]:
 def test_ppo_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_sft, tiny_rm, tmp_path):
     # Running reward statistics and the adaptive KL controller are part of the state to restore.
     settings = ("--set", "training.save_steps=2", "--set", "training.normalize_rewards=true",
-                "--set", "training.target_kl=0.5", "--set", "training.kl_horizon=100")
+                "--set", "training.target_kl=0.5", "--set", "training.kl_horizon=100",
+                "--set", f"ppo.judge={{model: {tiny_rm}}}")  # the reward model as its own judge: scores must agree
     straight = ppo_run(tmp_path / "straight", tiny_sft, tiny_rm, "--set", "training.steps=4", *settings)
     first_half = ppo_run(tmp_path / "resumed", tiny_sft, tiny_rm, "--set", "training.steps=2", *settings)
     assert (tmp_path / "resumed" / "checkpoint-2").is_dir()
@@ -239,6 +240,7 @@ def test_ppo_resume_gives_the_same_metrics_as_an_uninterrupted_run(tiny_sft, tin
     assert len(straight) == 4 and resumed[:2] == first_half
     assert resumed == straight  # exactly: weights, optimizer, RNG, beta, reward statistics and prompt position
     assert straight[1]["beta"] != straight[0]["beta"]  # the controller did move, so its restore was tested
+    assert all(row["judge_score"] == pytest.approx(row["score"], abs=1e-5) for row in straight)
 
 
 def test_ppo_under_deepspeed_zero3_in_two_cpu_processes(tiny_sft, tiny_rm, tmp_path):

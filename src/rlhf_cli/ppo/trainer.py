@@ -371,7 +371,8 @@ class PPOTrainer:
         response_ids = response_ids.masked_fill(response_mask == 0, tok.pad_token_id)
         batch = Batch(query_ids, query_mask, response_ids, response_mask)
 
-        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "scores": []}
+        parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "scores": [],
+                                                "judge_scores": []}  # fmt: skip
         with timer("forward"):
             for chunk in self._chunks(len(indices)):  # bounded memory: logits are (rows, length, vocab)
                 sub = batch.select(chunk)
@@ -386,7 +387,7 @@ class PPOTrainer:
                 if self.reward_model is not None:
                     parts["scores"].append(reward_scores(self.reward_model, sub).float())
                 if self.judge_model is not None:
-                    parts["judge_scores"] = [*parts.get("judge_scores", []), reward_scores(self.judge_model, sub).float()]
+                    parts["judge_scores"].append(reward_scores(self.judge_model, sub).float())
             rollout = {key: torch.cat(values) for key, values in parts.items() if values}
             if self.rule is not None or self.judge_rule is not None:
                 completions = tok.batch_decode(response_ids, skip_special_tokens=True)
