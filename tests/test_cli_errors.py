@@ -290,3 +290,10 @@ def test_ppo_bad_alarm_and_schedule_settings(tmp_path, setting, fragment):
     path = tiny_recipe(tmp_path, "ppo.yaml")
     assert_clean_failure(["ppo", str(path), "-o", str(out), "--set", f"model.name_or_path={TINY}",
                           "--set", f"ppo.reward.model={TINY}", "--set", setting], fragment, out=out)  # fmt: skip
+
+
+def test_ppo_lora_mode_is_refused_under_zero3(tmp_path):
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    assert_clean_failure(["ppo", str(path), "--set", f"model.name_or_path={TINY}", "--set", f"ppo.reward.model={TINY}",
+                          "--set", "model.lora={r: 4}", "--set", "distributed.strategy=zero3"],
+                         "LoRA mode does not run under zero3")  # fmt: skip

@@ -30,6 +30,11 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
                          resume=resume, dry_run=dry_run, cli_argv=cli_argv)  # fmt: skip
     run_dir = resolve_run_dir(recipe, output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})
+    if recipe.model.lora is not None and recipe.distributed.strategy == "zero3":
+        raise UserError(
+            "PPO in LoRA mode does not run under zero3 yet (its adapters share one frozen base, which ZeRO-3 would "
+            "shard); use distributed.strategy ddp or zero2, where the base is small next to four full models."
+        )
     try:
         config = PPOConfig(**recipe.training)
     except ValueError as exc:
