@@ -62,3 +62,15 @@ def test_reward_model_on_hh_with_the_real_model(smollm, shared_dir, tmp_path):
         "--set", f"data.train.path={pairs}", "--set", "data.train.limit=32")
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.num_labels == 1
+
+
+def test_ppo_on_gsm8k_with_the_real_model_and_the_rule_reward(smollm, shared_dir, tmp_path, monkeypatch):
+    """recipes/gsm8k/ppo.yaml for two tiny steps: GGUF policy, critic from the policy's body, exact-match rule."""
+    out = tmp_path / "ppo"
+    monkeypatch.setenv("RLHF_GSM8K_FILE", str(shared_dir / "data" / "gsm8k"))
+    run("ppo", str(REPO / "recipes" / "gsm8k" / "ppo.yaml"), "-o", str(out), "--set", "training.steps=2",
+        "--set", "training.rollout_batch_size=2", "--set", "training.mini_batch_size=2",
+        "--set", "training.response_length=8", "--set", "training.ppo_epochs=1", "--set", "training.sample_every=0")
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(row["score"] in (0.0, 0.5, 1.0) for row in history)  # exact match, 2 samples
+    assert (out / "model.safetensors").is_file() and (out / "critic" / "config.json").is_file()
