@@ -424,7 +424,7 @@ class PPOTrainer:
             advantages = whiten(advantages, mask)
 
         # K epochs of minibatch updates on this rollout; each minibatch is one optimizer step
-        stats: dict[str, list[float]] = {key: [] for key in
+        stats: dict[str, list[torch.Tensor]] = {key: [] for key in
                                          ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl",
                                           "entropy", "ratio", "grad_norm")}  # fmt: skip
         rows = batch.query_ids.shape[0]
@@ -434,7 +434,7 @@ class PPOTrainer:
                 for micro in order.split(cfg.mini_batch_size // cfg.gradient_accumulation_steps):
                     self._update(batch.select(micro), mask[micro], roll["logprobs"][micro], roll["values"][micro],
                                  advantages[micro], returns[micro], stats)  # fmt: skip
-                if cfg.early_stop_kl is not None and sum(stats["approx_kl"]) / len(stats["approx_kl"]) > cfg.early_stop_kl:
+                if cfg.early_stop_kl is not None and torch.stack(stats["approx_kl"]).mean().item() > cfg.early_stop_kl:
                     break
 
         # KL controller (Ziegler et al. 2019): nudge beta toward the target KL per response
@@ -458,7 +458,7 @@ class PPOTrainer:
             **({"judge_score": mean(roll["judge_scores"])} if "judge_scores" in roll else {}),
             "explained_variance": explained_variance(roll["values"], returns, mask).item(),
             "learning_rate": self.scheduler.get_last_lr()[0],
-            **{key: sum(values) / len(values) for key, values in stats.items() if values},
+            **{key: torch.stack(values).mean().item() for key, values in stats.items() if values},
             **{f"time_{phase}": round(seconds, 4) for phase, seconds in self.timer.seconds.items()},
         }
         return metrics, batch, raw_scores
@@ -488,14 +488,14 @@ class PPOTrainer:
             if acc.sync_gradients:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 if grad_norm is not None:
-                    stats["grad_norm"].append(float(grad_norm))
+                    stats["grad_norm"].append(torch.as_tensor(grad_norm, dtype=torch.float32, device=acc.device))
             self.optimizer.step()
             if acc.sync_gradients:
                 self.scheduler.step()
             self.optimizer.zero_grad()
         for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("entropy", mean_entropy),
                            *pg_stats.items(), *vf_stats.items()):  # fmt: skip
-            stats[key].append(value.item())
+            stats[key].append(value.detach().float())  # kept on the device: one host sync per step, not per update
 
     # ------------------------------------------------------------ the loop
 
