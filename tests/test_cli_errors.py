@@ -297,3 +297,22 @@ def test_ppo_lora_mode_is_refused_under_zero3(tmp_path):
     assert_clean_failure(["ppo", str(path), "--set", f"model.name_or_path={TINY}", "--set", f"ppo.reward.model={TINY}",
                           "--set", "model.lora={r: 4}", "--set", "distributed.strategy=zero3"],
                          "LoRA mode does not run under zero3")  # fmt: skip
+
+
+def test_a_bad_input_found_inside_a_distributed_worker_still_exits_2(tmp_path):
+    """The launcher turns any worker failure into 1; a worker that stops on a bad input makes it 2 again."""
+    import subprocess
+    import sys
+
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    out = tmp_path / "out"
+    path = tiny_recipe(tmp_path, "rm.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "rlhf_cli.cli", "train-rm", str(path), "-o", str(out),
+         "--set", f"model.name_or_path={empty}", "--set", "distributed.strategy=ddp",
+         "--set", "distributed.num_processes=2"],
+        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "Error: Cannot load the tokenizer" in result.stderr
+    assert not out.exists()

@@ -21,6 +21,7 @@ from rlhf_cli.trl_fields import config_default
 ACCELERATE_CONFIG = "accelerate_config.yaml"
 DEEPSPEED_CONFIG = "deepspeed.json"
 RESOLVED_RECIPE = "recipe.yaml"
+WORKER_INPUT_ERROR = "worker-input-error.txt"  # written by a worker that stopped on a bad input
 
 
 @dataclass

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.launch import WORKER_INPUT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                      eval_data, resume=args.resume, clear=False, launched=True)  # fmt: skip
     except UserError as exc:
         print(f"Error: {exc}", file=sys.stderr)
+        # The launcher reports any failure as 1; this marker tells the parent it was a bad input (exit code 2).
+        (run_dir / WORKER_INPUT_ERROR).write_text(str(exc), encoding="utf-8")
         return 2
 
 

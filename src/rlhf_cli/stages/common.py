@@ -16,7 +16,7 @@ from typing import Callable, Literal
 import yaml
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.launch import RESOLVED_RECIPE, DEEPSPEED_CONFIG, Hardware, LaunchPlan, plan_launch
+from rlhf_cli.launch import DEEPSPEED_CONFIG, RESOLVED_RECIPE, WORKER_INPUT_ERROR, Hardware, LaunchPlan, plan_launch
 from rlhf_cli.recipe import Recipe, recipe_to_yaml
 from rlhf_cli.rundir import (
     check_run_dir,
@@ -177,6 +177,10 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear
             interrupted = True
     if interrupted:
         returncode = INTERRUPTED_EXIT_CODE
+    marker = run_dir / WORKER_INPUT_ERROR
+    if returncode != 0 and marker.is_file():
+        marker.unlink()
+        returncode = 2  # a bad input, already explained by the worker: the same code as in-process runs
     if returncode not in (0, INTERRUPTED_EXIT_CODE) and not existed and last_checkpoint(run_dir) is None:
         import shutil
 
