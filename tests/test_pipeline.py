@@ -156,4 +156,5 @@ def test_pipeline_bad_inputs_are_named(tmp_path):
     assert_refused(["-o", out, "--set", "trainin={}"], "unknown top-level key(s) trainin")
     assert_refused(["-o", out, "--set", "stages.ppo.output_dir=x"], "stages.ppo.output_dir is set by the pipeline")
     assert_refused(["-o", out, "--set", "stages.ppo.training.response_length=600"], "exceeds the model's 512 positions")
+    assert_refused(["-o", out, "--set", "stages.ppo.training.mini_batch_size=5"], "Stage ppo:", "must divide")
     assert not (tmp_path / "o").exists()

@@ -211,15 +211,22 @@ def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
                     )
 
 
-def check_lengths(stages: list[PipelineStage]) -> None:
-    """PPO's prompts plus responses must fit the policy's positions."""
+def check_ppo_settings(stages: list[PipelineStage]) -> None:
+    """PPOConfig's own checks (which run only when PPO starts) now, and prompts plus responses within the
+    policy's positions."""
     ppo = next((stage for stage in stages if stage.name == "ppo"), None)
-    first = stages[0].recipe
-    if ppo is None or ppo.recipe.ppo.algorithm != "ppo" or not first.model.is_builtin:
+    if ppo is None or ppo.recipe.ppo.algorithm != "ppo":
         return
     from rlhf_cli.ppo.config import PPOConfig
 
-    longest = ppo.recipe.data.max_length + PPOConfig(**ppo.recipe.training).response_length
+    try:
+        config = PPOConfig(**ppo.recipe.training)
+    except ValueError as exc:
+        raise UserError(f"Stage ppo: recipe training section: {exc}.") from None
+    first = stages[0].recipe
+    if not first.model.is_builtin:
+        return  # a hub or local model's limit is checked by the stage itself
+    longest = ppo.recipe.data.max_length + config.response_length
     positions = first.model.builtin.n_positions
     if longest > positions:
         raise UserError(
@@ -298,7 +305,7 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in names:
             raise UserError(f"{flag} {value}: this pipeline's stages are {', '.join(names)}.")
-    check_lengths(stages)
+    check_ppo_settings(stages)
     check_tokenizer_handoffs(stages)
 
     hashes: dict[str, str] = {}
