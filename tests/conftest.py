@@ -27,3 +27,23 @@ def _isolated_cache(tmp_path_factory):
     """Builtin models are cached per test session, not in the user's home."""
     if "RLHF_CLI_CACHE" not in os.environ:
         os.environ["RLHF_CLI_CACHE"] = str(tmp_path_factory.mktemp("rlhf-cli-cache"))
+
+
+def assert_clean_failure(args: list[str], *fragments: str, out: Path | None = None) -> str:
+    """Run `rlhf ARGS` in-process and check the contract for bad input: exit code 2, one `Error:` paragraph naming
+    each fragment, no traceback, and (given `out`) no run directory left behind. Returns the flattened output."""
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    result = CliRunner().invoke(app, args)
+    text = result.output
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text
+    assert "Error:" in text
+    flat = " ".join(text.split())
+    for fragment in fragments:
+        assert fragment in flat, f"{fragment!r} not in: {flat}"
+    if out is not None:
+        assert not out.exists(), f"{out} was left behind"
+    return flat

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, assert_clean_failure
 from rlhf_cli.cli import app
 
 runner = CliRunner()
@@ -29,20 +29,6 @@ def tiny_recipe(tmp_path: Path, name: str = "sft.yaml", **replace: str) -> Path:
     path = tmp_path / name
     path.write_text(text)
     return path
-
-
-def assert_clean_failure(args: list[str], *fragments: str, out: Path | None = None) -> str:
-    result = runner.invoke(app, args)
-    text = result.output
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text
-    assert "Error:" in text
-    flat = " ".join(text.split())
-    for fragment in fragments:
-        assert fragment in flat, f"{fragment!r} not in: {flat}"
-    if out is not None:
-        assert not out.exists(), f"{out} was left behind"
-    return flat
 
 
 def test_missing_recipe_file(tmp_path):

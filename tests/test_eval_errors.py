@@ -9,27 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY
-from rlhf_cli.cli import app
-
-runner = CliRunner()
-
-
-def assert_clean_failure(args: list[str], *fragments: str, out: Path | None = None) -> str:
-    result = runner.invoke(app, args)
-    text = result.output
-    assert result.exit_code == 2, text
-    assert "Traceback" not in text
-    assert "Error:" in text
-    flat = " ".join(text.split())
-    for fragment in fragments:
-        assert fragment in flat, f"{fragment!r} not in: {flat}"
-    if out is not None:
-        assert not out.exists(), f"{out} was left behind"
-    return flat
-
+from conftest import TINY, assert_clean_failure
 
 @pytest.fixture(scope="module")
 def causal_lm() -> Path:

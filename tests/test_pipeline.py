@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, assert_clean_failure
 from rlhf_cli.cli import app
 
 RLHF = [sys.executable, "-m", "rlhf_cli.cli"]
@@ -75,12 +75,7 @@ def test_dry_run_prints_every_stage_and_writes_nothing(tmp_path):
 
 
 def assert_refused(args: list[str], *fragments: str) -> None:
-    result = CliRunner().invoke(app, ["pipeline", str(TINY / "pipeline.yaml"), *args])
-    assert result.exit_code == 2, result.output
-    flat = " ".join(result.output.split())
-    assert "Traceback" not in flat
-    for fragment in fragments:
-        assert fragment in flat, (fragment, flat)
+    assert_clean_failure(["pipeline", str(TINY / "pipeline.yaml"), *args], *fragments)
 
 
 def _tokenizer_dir(tmp_path: Path, name: str, **changes) -> Path:

@@ -29,8 +29,9 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return max(checkpoints, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber a previous run unless asked; make sure --resume has something to resume."""
+def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool = False, resumable: bool = True) -> None:
+    """Refuse to clobber a previous run unless asked; make sure --resume has something to resume.
+    `resumable=False` for commands without checkpoints (eval, generate): the hint then leaves out --resume."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other: choose one.")
     if run_dir.exists() and not run_dir.is_dir():
@@ -40,9 +41,10 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
         if not non_empty or last_checkpoint(run_dir) is None:
             raise UserError(f"--resume: {run_dir} holds no checkpoint-* folder to resume from.")
     elif non_empty and not overwrite:
+        resume_hint = " --resume to continue its last checkpoint," if resumable else ""
         raise UserError(
-            f"Output directory {run_dir} is not empty. Pass --overwrite to replace it, --resume to continue "
-            "its last checkpoint, or choose another --output-dir."
+            f"Output directory {run_dir} is not empty. Pass --overwrite to replace it,{resume_hint} or choose "
+            "another --output-dir."
         )
 
 

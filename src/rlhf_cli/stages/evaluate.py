@@ -24,12 +24,11 @@ from pathlib import Path
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE
 from rlhf_cli.recipe import EvalSpec, Recipe, RewardSpec, recipe_to_yaml
-from rlhf_cli.rundir import METRICS_FILE, prepare_run_dir
+from rlhf_cli.rundir import METRICS_FILE, check_run_dir, prepare_run_dir
 from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
 from rlhf_cli.stages.generate import (
     Responses,
     Scorer,
-    check_output_dir,
     choose_prompts,
     chunks,
     companion_spec,
@@ -71,7 +70,7 @@ def run_eval(recipe: Recipe, *, output_dir: str | None = None, overwrite: bool =
     if dry_run:
         _show_plan(recipe, run_dir)
         return 0
-    check_output_dir(run_dir, overwrite=overwrite)
+    check_run_dir(run_dir, overwrite=overwrite, resumable=False)
     started = time.time()
     inputs = load_inputs(recipe)
 

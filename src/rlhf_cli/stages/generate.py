@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE
 from rlhf_cli.recipe import ModelSpec, Recipe, RewardSpec, SamplingSpec, recipe_to_yaml
-from rlhf_cli.rundir import prepare_run_dir, print_summary, write_summary
+from rlhf_cli.rundir import check_run_dir, prepare_run_dir, print_summary, write_summary
 from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
 
 if TYPE_CHECKING:
@@ -28,15 +28,6 @@ GENERATIONS_FILE = "generations.jsonl"
 
 
 # ---------------------------------------------------------------- loading
-
-
-def check_output_dir(run_dir: Path, *, overwrite: bool) -> None:
-    """eval and generate write a fresh directory: a non-empty one needs --overwrite (there is nothing to resume)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"Output directory {run_dir} exists and is a file.")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"Output directory {run_dir} is not empty. Pass --overwrite to replace it, or choose another "
-                        "--output-dir.")  # fmt: skip
 
 
 def device() -> torch.device:
@@ -337,7 +328,7 @@ def run_generate(recipe: Recipe, *, output_dir: str | None = None, overwrite: bo
     if dry_run:
         _show_plan(recipe, run_dir)
         return 0
-    check_output_dir(run_dir, overwrite=overwrite)
+    check_run_dir(run_dir, overwrite=overwrite, resumable=False)
     started = time.time()
 
     from rlhf_cli.data import load_data
