@@ -79,14 +79,15 @@ class PPOState:
         return math.sqrt(self.score_m2 / max(self.score_count - 1, 1)) if self.score_count > 1 else 1.0
 
 
-def load_rule_reward(spec: str):
+def load_rule_reward(spec: str, what: str = "ppo.reward.function"):
+    """Import `module.path:function`; `what` is the recipe key that named it, for the error message."""
     module_name, _, function_name = spec.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise UserError(f"ppo.reward.function {spec!r} cannot be imported: {exc}") from None
+        raise UserError(f"{what} {spec!r} cannot be imported: {exc}") from None
     if not callable(function):
-        raise UserError(f"ppo.reward.function {spec!r} is not callable.")
+        raise UserError(f"{what} {spec!r} is not callable.")
     return function
 
 
@@ -222,7 +223,7 @@ class PPOTrainer:
 
         self.rule = load_rule_reward(recipe.ppo.reward.function) if recipe.ppo.reward.function else None
         judge = recipe.ppo.judge
-        self.judge_rule = load_rule_reward(judge.function) if judge and judge.function else None
+        self.judge_rule = load_rule_reward(judge.function, "ppo.judge.function") if judge and judge.function else None
         self.tokenizer, trainable, self.ref, self.reward_model = self._load_models(prompts)
         self.judge_model = None
         if judge and judge.model:  # frozen, never trained on: an independent check of the proxy's gains

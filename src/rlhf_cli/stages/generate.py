@@ -101,10 +101,7 @@ def load_scorer(spec: RewardSpec, what: str, policy_spec: ModelSpec | None, poli
     if spec.function:
         from rlhf_cli.ppo.trainer import load_rule_reward
 
-        try:
-            rule = load_rule_reward(spec.function)
-        except UserError as exc:  # its message names the PPO key; this one is the eval/generate key
-            raise UserError(str(exc).replace("ppo.reward.function", f"{what}.function", 1)) from None
+        rule = load_rule_reward(spec.function, f"{what}.function")
         return Scorer(name=spec.function, what=f"{what}.function", rule=rule)
     from rlhf_cli.models import load_model, load_tokenizer
 
