@@ -109,3 +109,27 @@ def test_trainer_config_takes_what_other_sections_decide(tmp_path):
     raw["training"]["eval_strategy"] = "no"
     kwargs = trainer_config_kwargs(STAGES["rm"], validate_recipe(raw, "rm"), tmp_path, plan)
     assert kwargs["eval_strategy"] == "no"
+
+
+def test_tokenizer_mismatch_names_the_first_difference():
+    from rlhf_cli.models import TOKENIZER_FACTS, tokenizer_mismatch
+
+    class tok:  # the four facts a tokenizer is compared on
+        def __init__(self, vocab=None, eos="</s>", pad=None, template="T"):
+            self.vocab = vocab or {"a": 0, "b": 1}
+            self.eos_token, self.pad_token, self.chat_template = eos, pad, template
+
+        def get_vocab(self):
+            return self.vocab
+
+        def __len__(self):
+            return len(self.vocab)
+
+    base = tok(pad="<pad>")
+    assert tokenizer_mismatch(base, tok(pad="<pad>"), TOKENIZER_FACTS) is None
+    assert tokenizer_mismatch(base, tok(), TOKENIZER_FACTS) is None  # no pad: the stage supplies EOS as pad
+    assert tokenizer_mismatch(base, tok(eos="<eos>")) == "its EOS token is '<eos>', not '</s>'"
+    assert tokenizer_mismatch(base, tok(pad="<unk>"), TOKENIZER_FACTS) == "its pad token is '<unk>', not '<pad>'"
+    assert tokenizer_mismatch(base, tok(template="U"), TOKENIZER_FACTS) == "its chat template differs"
+    assert tokenizer_mismatch(base, tok(template="U")) is None  # only vocabulary and EOS by default
+    assert tokenizer_mismatch(base, tok(vocab={"a": 0, "c": 1})).startswith("its vocabulary differs")

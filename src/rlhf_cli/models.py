@@ -215,6 +215,26 @@ def lora_config(spec: ModelSpec, kind: Literal["causal_lm", "reward"]):
     )
 
 
+TOKENIZER_FACTS = ("vocabulary", "EOS token", "pad token", "chat template")
+
+
+def tokenizer_mismatch(expected, other, facts=("vocabulary", "EOS token")) -> str | None:
+    """How `other` reads text differently from `expected`, among `facts` (see TOKENIZER_FACTS), or None.
+    A missing pad token is no mismatch: every stage supplies EOS as pad the same way."""
+    for fact in facts:
+        if fact == "vocabulary":
+            if other.get_vocab() != expected.get_vocab():
+                return f"its vocabulary differs ({len(other)} vs {len(expected)} tokens, or other ids)"
+            continue
+        attribute = {"EOS token": "eos_token", "pad token": "pad_token", "chat template": "chat_template"}[fact]
+        mine, theirs = getattr(expected, attribute), getattr(other, attribute)
+        if fact == "pad token" and theirs is None:
+            continue
+        if theirs != mine:
+            return f"its {fact} differs" if fact == "chat template" else f"its {fact} is {theirs!r}, not {mine!r}"
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

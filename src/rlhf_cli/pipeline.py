@@ -165,25 +165,15 @@ def check_lora_handoffs(stages: list[PipelineStage]) -> None:
             )
 
 
-def _tokenizer_facts(tokenizer) -> dict:
-    return {
-        "vocabulary": tokenizer.get_vocab(),
-        "EOS token": tokenizer.eos_token,
-        "pad token": tokenizer.pad_token,
-        "chat template": tokenizer.chat_template,
-    }
-
-
 def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
     """Every model a stage reads that already exists (a link overridden by a path) must read the same token ids,
     with the same special tokens and chat template, as the pipeline's own starting tokenizer."""
     from transformers import AutoTokenizer
 
-    from rlhf_cli.models import load_tokenizer, resolve_model_path
+    from rlhf_cli.models import TOKENIZER_FACTS, load_tokenizer, resolve_model_path, tokenizer_mismatch
 
     first = stages[0].recipe
     base = load_tokenizer(first.model, resolve_model_path(first.model, first.seed), conversational=True)
-    expected = _tokenizer_facts(base)
     produced = {str(stage.run_dir) for stage in stages}
     for stage in stages:
         links = [("model.name_or_path", stage.recipe.model.name_or_path)]
@@ -200,15 +190,12 @@ def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
                 other = AutoTokenizer.from_pretrained(path)
             except (OSError, ValueError) as exc:
                 raise UserError(f"Stage {stage.name}: {key} ({path}) has no loadable tokenizer: {exc}") from None
-            for fact, value in _tokenizer_facts(other).items():
-                if fact == "pad token" and value is None:
-                    continue  # the stage supplies one (EOS) exactly as it does for the start
-                if value != expected[fact]:
-                    shown = "differs" if fact in ("vocabulary", "chat template") else f"is {value!r}, not {expected[fact]!r}"
-                    raise UserError(
-                        f"Stage {stage.name}: {key} ({path}) does not match the pipeline's tokenizer: its {fact} "
-                        f"{shown}. Every stage must read the same token ids with the same special tokens."
-                    )
+            mismatch = tokenizer_mismatch(base, other, TOKENIZER_FACTS)
+            if mismatch:
+                raise UserError(
+                    f"Stage {stage.name}: {key} ({path}) does not match the pipeline's tokenizer: {mismatch}. "
+                    "Every stage must read the same token ids with the same special tokens."
+                )
 
 
 def check_ppo_settings(stages: list[PipelineStage]) -> None:

@@ -99,13 +99,14 @@ def check_same_vocabulary(tokenizer, other_path: str, what: str) -> None:
         other = AutoTokenizer.from_pretrained(other_path)
     except (OSError, ValueError):
         return  # no tokenizer saved there: nothing to compare
-    if other.get_vocab() != tokenizer.get_vocab():
+    from rlhf_cli.models import tokenizer_mismatch
+
+    mismatch = tokenizer_mismatch(tokenizer, other)
+    if mismatch:
         raise UserError(
-            f"{what} ({other_path}) uses a different tokenizer from the policy ({len(other)} vs {len(tokenizer)} "
-            "tokens or different ids); PPO needs every model to read the same token ids."
+            f"{what} ({other_path}) uses a different tokenizer from the policy: {mismatch}. PPO needs every model "
+            "to read the same token ids."
         )
-    if other.eos_token != tokenizer.eos_token:
-        raise UserError(f"{what} ({other_path}) has EOS {other.eos_token!r}, the policy {tokenizer.eos_token!r}.")
 
 
 def check_companion_tokenizers(tokenizer, recipe: Recipe) -> None:

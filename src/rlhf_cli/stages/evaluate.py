@@ -37,7 +37,6 @@ from rlhf_cli.stages.generate import (
     positions_limit,
     progress_bar,
     prompt_budget,
-    same_vocabulary,
     sample,
     sampling_line,
     score,
@@ -136,17 +135,18 @@ def _is_conversational(data) -> bool:
 def check_reference_tokenizer(policy_tokenizer, reference: str, recipe: Recipe) -> None:
     """KL(policy || reference) compares both models' probabilities of the same token ids, and both answer the same
     tokenized prompts: their tokenizers must agree."""
-    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.models import load_tokenizer, tokenizer_mismatch
 
     try:
         other = load_tokenizer(companion_spec(recipe.model, reference), reference, conversational=False)
     except UserError:
         return  # no tokenizer saved with the reference: it is loaded against the policy's
-    if not same_vocabulary(other, policy_tokenizer):
+    mismatch = tokenizer_mismatch(policy_tokenizer, other)
+    if mismatch:
         raise UserError(
-            f"eval.reference ({reference}) uses a different tokenizer from the policy ({len(other)} vs "
-            f"{len(policy_tokenizer)} tokens, or other ids or EOS): the KL estimate and the shared prompts need "
-            "both models to read the same token ids. Compare a policy with the model it was trained from."
+            f"eval.reference ({reference}) uses a different tokenizer from the policy: {mismatch}. The KL estimate "
+            "and the shared prompts need both models to read the same token ids. Compare a policy with the model "
+            "it was trained from."
         )
 
 

@@ -78,10 +78,6 @@ def load_causal_lm(spec: ModelSpec, seed: int, what: str, *, conversational: boo
     return model.eval().to(device()), tokenizer
 
 
-def same_vocabulary(one, other) -> bool:
-    return one.get_vocab() == other.get_vocab() and one.eos_token == other.eos_token
-
-
 @dataclass
 class Scorer:
     """A reward: a reward model (with its own tokenizer) or a rule function `fn(prompts, completions) -> floats`."""
@@ -103,14 +99,14 @@ def load_scorer(spec: RewardSpec, what: str, policy_spec: ModelSpec | None, poli
 
         rule = load_rule_reward(spec.function, f"{what}.function")
         return Scorer(name=spec.function, what=f"{what}.function", rule=rule)
-    from rlhf_cli.models import load_model, load_tokenizer
+    from rlhf_cli.models import load_model, load_tokenizer, tokenizer_mismatch
 
     key = model_key or f"{what}.model"
     model_spec = companion_spec(policy_spec, spec.model)
     check_architecture(spec.model, "reward", key)
     tokenizer = load_tokenizer(model_spec, spec.model, conversational=conversational)
     model = load_model(model_spec, spec.model, "reward", tokenizer).eval().to(device())
-    reads_policy_ids = policy_tokenizer is not None and same_vocabulary(tokenizer, policy_tokenizer)
+    reads_policy_ids = policy_tokenizer is not None and tokenizer_mismatch(policy_tokenizer, tokenizer) is None
     return Scorer(name=spec.model, what=key, model=model, tokenizer=tokenizer,
                   reads_policy_ids=reads_policy_ids)  # fmt: skip
 
