@@ -122,6 +122,7 @@ class LoraPolicyAndCritic(torch.nn.Module):
         self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
         torch.nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no critic opinion before training
         torch.nn.init.zeros_(self.value_head.bias)
+        self._adapter_parameters = [p for name, p in self.body.named_parameters() if "lora_" in name]
         self._use("policy")
 
     @property
@@ -132,9 +133,8 @@ class LoraPolicyAndCritic(torch.nn.Module):
         """Route the forward pass through one adapter. peft's set_adapter also freezes the other adapter; both
         train together here, so their gradients are switched back on."""
         self.body.set_adapter(adapter)
-        for name, parameter in self.body.named_parameters():
-            if "lora_" in name:
-                parameter.requires_grad_(True)
+        for parameter in self._adapter_parameters:
+            parameter.requires_grad_(True)
         return self.body
 
     @property
