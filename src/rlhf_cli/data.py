@@ -4,6 +4,11 @@ SFT data becomes one of `{"text"}`, `{"prompt", "completion"}` (text or message 
 preference data becomes `{"prompt", "chosen", "rejected"}` or `{"chosen", "rejected"}`. Messages are
 `{"role", "content"}` dicts. Every problem with the data is raised as a `UserError` that says where it is.
 
+Each row goes through two pure steps: `_prepare` reads the source's layout (the `columns` map, which may name
+nested paths, `prompt_template`, a `winner` label column, a `ranking` list) into the names a format reads, and
+the format's converter turns that into TRL's columns. Rows left out on purpose (ties, identical pairs) are
+counted in a `DataReport`, never dropped silently.
+
 `datasets` is imported inside the functions: importing this module must stay cheap for the CLI.
 """
 
@@ -12,9 +17,12 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import re
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,7 +31,7 @@ from rlhf_cli.errors import UserError
 if TYPE_CHECKING:
     import datasets
 
-    from rlhf_cli.recipe import DataSource
+    from rlhf_cli.recipe import DataSource, RankingSpec, WinnerSpec
 
 Kind = Literal["sft", "preference", "prompt"]
 Row = dict[str, Any]
@@ -51,6 +59,26 @@ _HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 class _RowError(Exception):
     """A problem with one row's fields; `load_data` adds which data set and row."""
+
+
+class _Skip(Exception):
+    """A row (raised) or one pair of a ranked row (returned in the converter's list) left out on purpose.
+
+    `reason` is the report's key and reads after a count ("3 rows labelled a tie"); `detail` says why for this row.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+# Reasons a row or pair is left out; each reads after its count.
+TIE = "rows labelled a tie"
+SKIPPED_LABEL = "rows with a label listed in winner.skip"
+IDENTICAL = "pairs with identical chosen and rejected"
+FEW_RANKED = "rankings with fewer than two ranked responses"
+TIED_WITH_BEST = "pairs skipped as tied with the best response"
+UNRANKED = "responses without a rank"
 
 
 # ---------------------------------------------------------------- field helpers
@@ -233,10 +261,13 @@ def _parse_hh(row: Row, key: str) -> list[dict[str, str]]:
         raise _RowError(
             f"field {key!r} must be a transcript starting with '\\n\\nHuman:', but it starts with {parts[0]!r:.40}"
         )
-    return [
+    messages = [
         _message("user" if speaker == "Human" else "assistant", body.removeprefix(" "))
         for speaker, body in zip(parts[1::2], parts[2::2])
     ]
+    if not any(message["role"] == "assistant" for message in messages):
+        raise _RowError(f"field {key!r} is an HH transcript with no Assistant turn (no '\\n\\nAssistant:' marker)")
+    return messages
 
 
 def _from_hh_sft(row: Row) -> Row:
@@ -246,7 +277,7 @@ def _from_hh_sft(row: Row) -> Row:
 def _from_hh_preference(row: Row) -> Row:
     chosen, rejected = _parse_hh(row, "chosen"), _parse_hh(row, "rejected")
     if chosen == rejected:
-        raise _RowError("'chosen' and 'rejected' are the same transcript")
+        raise _Skip(IDENTICAL, "'chosen' and 'rejected' are the same transcript")
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -269,53 +300,431 @@ def _from_alpaca_prompt(row: Row) -> Row:
     return {"prompt": _alpaca_prompt(row)}
 
 
-# (format, kind) -> (columns it needs, converter of one row)
-_FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], Callable[[Row], Row]]] = {
-    ("text", "sft"): (("text",), _from_text),
-    ("prompt_completion", "sft"): (("prompt", "completion"), _from_prompt_completion),
-    ("messages", "sft"): (("messages",), _from_messages),
-    ("alpaca", "sft"): (("instruction", "output"), _from_alpaca_sft),
-    ("sharegpt", "sft"): (("conversations",), _from_sharegpt_sft),
-    ("hh", "sft"): (("chosen",), _from_hh_sft),
-    ("preference", "preference"): (("chosen", "rejected"), _from_preference),
-    ("alpaca", "preference"): (("instruction", "chosen", "rejected"), _from_alpaca_preference),
-    ("sharegpt", "preference"): (("conversations", "chosen", "rejected"), _from_sharegpt_preference),
-    ("hh", "preference"): (("chosen", "rejected"), _from_hh_preference),
+def _from_ranked(row: Row) -> list[Row | _Skip]:
+    """Preference pairs from one prompt's ranked responses: the best response against each other one.
+
+    `row["responses"]` holds `{"text", "rank"}` items with lower rank = better (see `_ranked_responses`); unranked
+    responses and responses tied with the best are returned as `_Skip`s so the loader counts them. Best-vs-each
+    gives n-1 pairs from n responses rather than n(n-1)/2: a prompt with many responses does not outweigh the others
+    quadratically, and every pair is the ranking's clearest comparison for the response it rejects.
+    """
+    prompt = _text_or_messages(row, "prompt")
+    responses = row["responses"]
+    ranked = [response for response in responses if response["rank"] is not None]
+    unranked = [_Skip(UNRANKED, f"response {n} has no rank") for n, response in enumerate(responses, 1)
+                if response["rank"] is None]  # fmt: skip
+    if len(ranked) < 2:
+        raise _Skip(FEW_RANKED, f"it has {len(ranked)} ranked response{'s' if len(ranked) != 1 else ''}")
+    best = min(ranked, key=lambda response: response["rank"])  # the first listed among equals
+
+    def answer(text: str) -> str | list[dict[str, str]]:
+        return [_message("assistant", text)] if isinstance(prompt, list) else text
+
+    out: list[Row | _Skip] = list(unranked)
+    for response in ranked:
+        if response is best:
+            continue
+        if response["rank"] == best["rank"]:
+            out.append(_Skip(TIED_WITH_BEST, "a response ties with the best one"))
+        else:
+            out.append({"prompt": prompt, "chosen": answer(best["text"]), "rejected": answer(response["text"])})
+    return out
+
+
+# (format, kind) -> (columns it needs, columns it also reads when present, converter of one row)
+_FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], Callable[[Row], Any]]] = {
+    ("text", "sft"): (("text",), (), _from_text),
+    ("prompt_completion", "sft"): (("prompt", "completion"), (), _from_prompt_completion),
+    ("messages", "sft"): (("messages",), (), _from_messages),
+    ("alpaca", "sft"): (("instruction", "output"), ("input", "system", "history"), _from_alpaca_sft),
+    ("sharegpt", "sft"): (("conversations",), ("system",), _from_sharegpt_sft),
+    ("hh", "sft"): (("chosen",), (), _from_hh_sft),
+    ("preference", "preference"): (("chosen", "rejected"), ("prompt",), _from_preference),
+    ("alpaca", "preference"): (("instruction", "chosen", "rejected"), ("input", "system", "history"),
+                               _from_alpaca_preference),
+    ("sharegpt", "preference"): (("conversations", "chosen", "rejected"), ("system",), _from_sharegpt_preference),
+    ("hh", "preference"): (("chosen", "rejected"), (), _from_hh_preference),
+    ("ranked", "preference"): (("prompt", "responses"), (), _from_ranked),
     # Prompts for PPO rollouts: the prompt part of any format that has one.
-    ("prompt", "prompt"): (("prompt",), _from_prompt),
-    ("prompt_completion", "prompt"): (("prompt",), _from_prompt),
-    ("preference", "prompt"): (("prompt",), _from_prompt),
-    ("alpaca", "prompt"): (("instruction",), _from_alpaca_prompt),
-}
+    ("prompt", "prompt"): (("prompt",), (), _from_prompt),
+    ("prompt_completion", "prompt"): (("prompt",), (), _from_prompt),
+    ("preference", "prompt"): (("prompt",), (), _from_prompt),
+    ("ranked", "prompt"): (("prompt",), (), _from_prompt),
+    ("alpaca", "prompt"): (("instruction",), ("input", "system", "history"), _from_alpaca_prompt),
+}  # fmt: skip
 _KIND_NEEDS = {
     "sft": "an SFT dataset needs text, prompt+completion, messages, conversations (sharegpt), "
     "instruction+output (alpaca) or chosen holding an HH transcript (hh)",
     "preference": "a preference dataset needs chosen+rejected (optionally prompt), "
     "conversations+chosen+rejected (sharegpt) or instruction+chosen+rejected (alpaca); "
-    "chosen+rejected holding HH transcripts are read as hh",
+    "chosen+rejected holding HH transcripts are read as hh; two responses and a label column need a winner "
+    "section, a prompt with ranked responses a ranking section",
     "prompt": "a prompt dataset needs prompt (text or messages) or instruction (alpaca); map another column "
-    "with columns, e.g. {prompt: question}",
+    "with columns, e.g. {prompt: question}, or build it with prompt_template",
 }
+
+
+# ---------------------------------------------------------------- reading the source's layout
+
+
+def _root(path: str, columns: list[str] | set[str]) -> str:
+    """The column a path starts in; a column whose own name contains dots is taken whole."""
+    return path if path in columns else path.split(".")[0]
+
+
+def _lookup(row: Row, path: str, used_by: str) -> Any:
+    """The value at `path`: a column, or a dotted path into nested data (`meta.source`, `instances.0.input`).
+
+    Numbers index lists. A missing key, a short list or a null value is an error naming `used_by` and the path.
+    """
+    if path in row:
+        parts, value, walked = [], row[path], path
+    else:
+        parts, value, walked = path.split("."), row, ""
+    for part in parts:
+        if isinstance(value, dict):
+            if value.get(part) is None:
+                raise _RowError(f"{used_by} {path!r} is missing: {walked!r} has no value for {part!r}"
+                                if walked else f"{used_by} {path!r} is missing: column {part!r} is empty")  # fmt: skip
+            value = value[part]
+        elif isinstance(value, list):
+            if not part.isdigit():
+                raise _RowError(f"{used_by} {path!r}: {walked!r} is a list; index it with a number, e.g. {walked}.0")
+            if int(part) >= len(value):
+                size = f"has {_plural(len(value), 'item')}, so no item {part}" if value else "is an empty list"
+                raise _RowError(f"{used_by} {path!r} is missing: {walked!r} {size}")
+            value = value[int(part)]
+        else:
+            raise _RowError(f"{used_by} {path!r} is missing: {walked!r} is {_describe(value)}, not a mapping or a list")
+        walked = f"{walked}.{part}" if walked else part
+    if value is None:
+        raise _RowError(f"{used_by} {path!r} is missing (null)")
+    return value
+
+
+# A template field `{path}`, an escaped brace `{{` / `}}`, or a stray brace (an error).
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}\n]*)\}|[{}]")
+# Paragraphs of a template are separated by blank lines.
+_PARAGRAPH_BREAK = re.compile(r"(\n{2,})")
+
+
+def _fields_in(text: str) -> list[str]:
+    """The field paths named in `text`, in order; ValueError for a stray brace or an empty field."""
+    fields = []
+    for match in _TEMPLATE_TOKEN.finditer(text):
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            continue
+        if token in ("{", "}"):
+            raise ValueError(f"unmatched {token!r} at character {match.start() + 1}; write {token * 2} for a literal "
+                             "brace")  # fmt: skip
+        name = match.group(1).strip()
+        if not name:
+            raise ValueError("'{}' names no field; write a column or path inside the braces, e.g. {instruction}")
+        fields.append(name)
+    return fields
+
+
+def template_fields(template: str) -> list[str]:
+    """The field paths a `prompt_template` names, in order; ValueError says what is malformed."""
+    fields = _fields_in(template)
+    if not fields:
+        raise ValueError("it names no field; write columns or paths in braces, e.g. '{instruction}\\n\\n{input}'")
+    return fields
+
+
+def _template_paragraphs(template: str) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+    """(separator before it, paragraph, its fields) for each blank-line-separated paragraph of a template."""
+    pieces = _PARAGRAPH_BREAK.split(template)
+    separators = ["", *pieces[1::2]]
+    return tuple((separator, paragraph, tuple(_fields_in(paragraph)))
+                 for separator, paragraph in zip(separators, pieces[0::2]))  # fmt: skip
+
+
+def _template_value(row: Row, path: str) -> str:
+    value = _lookup(row, path, "prompt_template field")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _RowError(f"prompt_template field {path!r} must be text or a number, got {_describe(value)}")
+
+
+def _fill_template(paragraphs: tuple[tuple[str, str, tuple[str, ...]], ...], row: Row) -> str:
+    """The prompt from a parsed `prompt_template`: a paragraph whose every field is blank is left out whole.
+
+    So `"{instruction}\\n\\n{input}"` with an empty input is just the instruction, with no dangling blank line.
+    """
+    out: list[str] = []
+    for separator, paragraph, names in paragraphs:
+        values = {name: _template_value(row, name) for name in names}
+        if names and not any(value.strip() for value in values.values()):
+            continue
+        filled = _TEMPLATE_TOKEN.sub(
+            lambda match: {"{{": "{", "}}": "}"}.get(match.group(0)) or values[match.group(1).strip()], paragraph
+        )
+        out.append((separator if out else "") + filled)
+    text = "".join(out)
+    if not text.strip():
+        raise _RowError("prompt_template gives an empty prompt (every field it names is empty)")
+    return text
+
+
+def normalize_label(value: Any) -> float | str | None:
+    """A label value as compared with `winner`'s lists: numbers and numeric strings as floats ("1", 1, 1.0 agree),
+    other strings stripped; null and NaN are None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return None if math.isnan(number) else number
+
+
+def _show_values(values: list) -> str:
+    return " or ".join("null" if value is None else repr(value) if isinstance(value, str) else str(value)
+                       for value in values)  # fmt: skip
+
+
+def _pick_winner(row: Row, winner: WinnerSpec) -> Row:
+    """`chosen` and `rejected` from two response columns and a label saying which won; ties and skipped labels
+    raise `_Skip`, any other label is an error."""
+    label = row.get(winner.column) if winner.column in row else _lookup(row, winner.column, "winner.column")
+    key = normalize_label(label)
+    first, second = (_lookup(row, path, "winner.responses") for path in winner.responses)
+    if key in {normalize_label(value) for value in winner.first}:
+        return {"chosen": first, "rejected": second}
+    if key in {normalize_label(value) for value in winner.second}:
+        return {"chosen": second, "rejected": first}
+    shown = "null" if label is None else repr(label)
+    if key in {normalize_label(value) for value in winner.tie}:
+        raise _Skip(TIE, f"label {shown} in {winner.column!r} is a tie")
+    if key in {normalize_label(value) for value in winner.skip}:
+        raise _Skip(SKIPPED_LABEL, f"label {shown} in {winner.column!r} is listed in winner.skip")
+    declared = "; ".join(f"{name} {_show_values(values)}" for name, values in
+                         (("first", winner.first), ("second", winner.second), ("tie", winner.tie)) if values)
+    raise _RowError(
+        f"label {shown} in column {winner.column!r} is none of the values winner declares ({declared}); list it "
+        "under winner.skip to leave such rows out"
+    )  # fmt: skip
+
+
+def _rank_value(value: Any, label: str) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise _RowError(f"{label} must be a number, got {value!r:.40}")
+
+
+def _ranked_responses(row: Row, ranking: RankingSpec) -> list[dict[str, Any]]:
+    """Each response as `{"text", "rank"}` with lower rank = better (scores are negated when higher is better);
+    a response without a rank keeps `rank: None`."""
+    responses = _lookup(row, ranking.responses, "ranking.responses")
+    if not isinstance(responses, list):
+        raise _RowError(f"ranking.responses {ranking.responses!r} must be a list of responses, got "
+                        f"{_describe(responses)}")  # fmt: skip
+    ranks = None
+    if ranking.rank_column is not None:
+        ranks = _lookup(row, ranking.rank_column, "ranking.rank_column")
+        if not isinstance(ranks, list) or len(ranks) != len(responses):
+            got = f"{len(ranks)} values" if isinstance(ranks, list) else _describe(ranks)
+            raise _RowError(f"ranking.rank_column {ranking.rank_column!r} must list one rank per response "
+                            f"({len(responses)}), got {got}")  # fmt: skip
+    out = []
+    for n, item in enumerate(responses, 1):
+        label = f"{ranking.responses!r} response {n}"
+        if isinstance(item, dict):
+            text = item.get(ranking.text)
+            rank = ranks[n - 1] if ranks is not None else item.get(ranking.rank)
+            where_rank = f"{label} {ranking.rank!r}" if ranks is None else f"{ranking.rank_column!r} value {n}"
+        elif isinstance(item, str):
+            if ranks is None:
+                raise _RowError(f"{label} is a plain string; name the list of its ranks with ranking.rank_column")
+            text, rank, where_rank = item, ranks[n - 1], f"{ranking.rank_column!r} value {n}"
+        else:
+            raise _RowError(f"{label} must be a string or a mapping with {ranking.text!r}, got {_describe(item)}")
+        if not isinstance(text, str) or not text.strip():
+            raise _RowError(f"{label} needs a non-empty string {ranking.text!r}, got {_describe(text)}")
+        value = _rank_value(rank, where_rank)
+        if value is not None and ranking.better == "higher":
+            value = -value
+        out.append({"text": text, "rank": value})
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to read one source's rows: what `_prepare` does to each before the format's converter."""
+
+    columns: dict[str, str]  # name the format reads -> source column or dotted path
+    template: tuple[tuple[str, str, tuple[str, ...]], ...] | None  # parsed prompt_template
+    winner: WinnerSpec | None
+    ranking: RankingSpec | None
+    hidden: frozenset[str]  # source columns read by the above (and names they replace): not passed on as they are
+
+    def targets(self) -> list[str]:
+        """The names the layout keys make, in a fixed order."""
+        names = list(self.columns)
+        if self.template is not None:
+            names.append("prompt")
+        if self.winner is not None:
+            names += ["chosen", "rejected"]
+        if self.ranking is not None:
+            names.append("responses")
+        return names
+
+    def sources(self, name: str) -> list[str]:
+        """The source paths the name `name` is made from (empty for a column passed on as it is)."""
+        if name in self.columns:
+            return [self.columns[name]]
+        if name == "prompt" and self.template is not None:
+            return [field for _, _, fields in self.template for field in fields]
+        if name in ("chosen", "rejected") and self.winner is not None:
+            return [self.winner.column, *self.winner.responses]
+        if name == "responses" and self.ranking is not None:
+            return [self.ranking.responses] + ([self.ranking.rank_column] if self.ranking.rank_column else [])
+        return []
+
+
+def _prepare(row: Row, plan: _Plan) -> Row:
+    """The row under the names the format reads: mapped columns and paths, the templated prompt, the winner's
+    chosen/rejected, the ranked responses; other columns pass through."""
+    out = {key: value for key, value in row.items() if key not in plan.hidden}
+    for name, path in plan.columns.items():
+        # A plain column keeps its value even when empty: the format's own check then names the problem.
+        out[name] = row[path] if path in row else _lookup(row, path, f"columns.{name}")
+    if plan.template is not None:
+        out["prompt"] = _fill_template(plan.template, row)
+    if plan.winner is not None:
+        out.update(_pick_winner(row, plan.winner))
+    if plan.ranking is not None:
+        out["responses"] = _ranked_responses(row, plan.ranking)
+    return out
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class DataReport:
+    """What loading one data source did: format, columns, and rows read, kept and dropped (JSON-able fields)."""
+
+    what: str  # the recipe key, e.g. "data.train"
+    origin: str  # the local path, or "hub dataset 'name'"
+    kind: str  # sft | preference | prompt
+    format: str  # the format the rows were read as
+    detected: bool  # True when format was auto-detected
+    columns: dict[str, str] = field(default_factory=dict)  # name the format reads -> where it comes from
+    unused_columns: list[str] = field(default_factory=list)  # source columns nothing reads
+    rows_in_source: int = 0  # before `limit`
+    rows_read: int = 0  # after `limit`
+    rows_kept: int = 0  # examples handed on (for format ranked: preference pairs)
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> count; the reason names what was counted
+    notes: list[str] = field(default_factory=list)  # other things the loader did that the user should know
+
+    def summary(self) -> str:
+        """One line: the format, and rows read, kept and dropped."""
+        how = "detected" if self.detected else "as set"
+        limit = f" (limit; {self.rows_in_source} in the source)" if self.rows_read < self.rows_in_source else ""
+        dropped = f"; dropped {_counted(self.dropped)}" if self.dropped else ""
+        return (f"{self.what} ({self.origin}): format {self.format} ({how}); {_plural(self.rows_read, 'row')} read"
+                f"{limit}, {_plural(self.rows_kept, self._kept_unit)} kept{dropped}.")  # fmt: skip
+
+    def notices(self) -> list[str]:
+        """The lines worth printing on every load: drops, unused columns, notes (none when all is plain)."""
+        lines = []
+        if self.dropped:
+            lines.append(f"Warning: {self.what}: dropped {_counted(self.dropped)}; "
+                         f"{_plural(self.rows_kept, self._kept_unit)} kept of {_plural(self.rows_read, 'row')} read.")
+        if self.unused_columns:
+            lines.append(f"Note: {self.what}: columns not used: {', '.join(self.unused_columns)}.")
+        lines += [f"Note: {self.what}: {note}" for note in self.notes]
+        return lines
+
+    def lines(self) -> list[str]:
+        """The human one-liners: the summary, then the notices."""
+        return [self.summary(), *self.notices()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def _kept_unit(self) -> str:
+        return "pair" if self.format == "ranked" and self.kind == "preference" else "row"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _counted(dropped: dict[str, int]) -> str:
+    """"3 rows labelled a tie, 1 pair with ...": each reason after its count, its first word singular for 1."""
+    parts = []
+    for reason, count in dropped.items():
+        noun, _, rest = reason.partition(" ")
+        parts.append(f"{count} {noun.removesuffix('s') if count == 1 else noun} {rest}")
+    return ", ".join(parts)
+
+
+@dataclass
+class _Counts:
+    """Drops counted while rows are converted, and the first one (for the error when nothing is left)."""
+
+    dropped: dict[str, int] = field(default_factory=dict)
+    first: tuple[int, str] | None = None
+
+    def add(self, skip: _Skip, index: int) -> None:
+        self.dropped[skip.reason] = self.dropped.get(skip.reason, 0) + 1
+        if self.first is None:
+            self.first = (index, skip.detail)
 
 
 # ---------------------------------------------------------------- loading
 
 
 def load_data(source: DataSource, kind: Kind, *, what: str = "data.train") -> datasets.Dataset:
-    """Load `source` and return it in TRL's format for `kind` ("sft" or "preference"), canonical columns only.
+    """Load `source` and return it in TRL's format for `kind` ("sft", "preference" or "prompt"), canonical columns
+    only. Rows dropped on purpose, unused columns and notes are printed on stderr (see `load_data_with_report`)."""
+    dataset, report = load_data_with_report(source, kind, what=what)
+    _print_notices(report.notices())
+    return dataset
+
+
+def load_data_with_report(
+    source: DataSource, kind: Kind, *, what: str = "data.train"
+) -> tuple[datasets.Dataset, DataReport]:
+    """`load_data` without printing, with a `DataReport` of the format, columns and rows read, kept and dropped.
 
     Row numbers in errors count from 1 over the rows read (over all files, in name order, for a directory).
     """
     origin = source.path if source.path is not None else f"hub dataset {source.name!r}"
     where = f"{what} ({origin})"
     ds = _load_local(Path(source.path), where, what) if source.path is not None else _load_hub(source, what)
+    rows_in_source = len(ds)
     if source.limit is not None and source.limit < len(ds):
         ds = ds.select(range(source.limit))
     if len(ds) == 0:
         raise UserError(f"{where} has no rows.")
-    ds = _rename_columns(ds, source.columns, where, what)
+    raw_columns = list(ds.column_names)
+    notes: list[str] = []
+    plan = _make_plan(source, kind, raw_columns, where, what, notes)
+    plan = _self_instruct_columns(ds, plan, source, kind, what, notes)
+    visible = _visible_columns(raw_columns, plan)
 
-    fmt = source.format if source.format != "auto" else _detect_format(ds, kind, where, what)
+    detected = source.format == "auto"
+    fmt = _detect_format(ds, plan, visible, kind, where, what) if detected else source.format
     if (fmt, kind) not in _FORMATS:
         fitting = [name for name, k in _FORMATS if k == kind]
         needs = {"sft": "SFT data", "preference": "preference pairs (chosen/rejected)", "prompt": "prompts"}[kind]
@@ -323,51 +732,120 @@ def load_data(source: DataSource, kind: Kind, *, what: str = "data.train") -> da
             f"{where}: format {fmt!r} does not fit this stage, which needs {needs}; "
             f"use one of the formats auto, {', '.join(fitting)}."
         )
-    required, convert = _FORMATS[(fmt, kind)]
-    missing = [column for column in required if column not in ds.column_names]
+    required, optional, convert = _FORMATS[(fmt, kind)]
+    missing = [column for column in required if column not in visible]
     if missing:
         raise UserError(
             f"{where}: format {fmt!r} needs the columns {'+'.join(required)} for {kind} data; missing: "
-            f"{', '.join(missing)}; columns found: [{', '.join(ds.column_names)}]; map them with {what}.columns."
+            f"{', '.join(missing)}; columns found: [{', '.join(visible)}]; map them with {what}.columns."
+        )
+    reads = [name for name in (*required, *optional) if name in visible]
+    if plan.template is not None and "prompt" not in reads:
+        raise UserError(
+            f"{where}: {what}.prompt_template builds a prompt, but format {fmt!r} reads no prompt column; use format "
+            "prompt_completion, preference or ranked, or leave format: auto."
         )
 
-    kwargs = {"convert": convert, "where": where}
-    # Every row must have the first row's shape (text vs messages), or TRL would see mixed columns.
-    kwargs["expected"] = _shape(_convert_row(ds[0], 0, expected=None, **kwargs))
+    kwargs: dict[str, Any] = {"plan": plan, "convert": convert, "kind": kind, "where": where}
+    # Every row must have the first kept row's shape (text vs messages), or TRL would see mixed columns.
+    kwargs["expected"] = _first_kept_shape(ds, kwargs)
+    counts = _Counts()
     converted = ds.map(
         _convert_batch,
         batched=True,  # a row at a time costs about twice as long in datasets' own overhead
         with_indices=True,
-        fn_kwargs=kwargs,
-        remove_columns=ds.column_names,
+        fn_kwargs={**kwargs, "counts": counts},
+        remove_columns=raw_columns,
         # The cache fingerprint would not notice changes to the converters, so always convert afresh.
         load_from_cache_file=False,
         desc=f"Reading {what}",
     )
     # map keeps a replaced column (e.g. chosen) where it was and appends new ones; put them in TRL's order.
-    return converted.select_columns(list(kwargs["expected"]))
+    dataset = converted.select_columns([key for key in kwargs["expected"] if key != _FIRST_KEPT])
+    sources, unused = _columns_read(plan, reads, raw_columns)
+    report = DataReport(
+        what=what, origin=origin, kind=kind, format=fmt, detected=detected, columns=sources,
+        unused_columns=unused, rows_in_source=rows_in_source, rows_read=len(ds), rows_kept=len(dataset),
+        dropped=counts.dropped, notes=notes,
+    )  # fmt: skip
+    return dataset, report
 
 
-def _convert_batch(batch: dict[str, list], indices: list[int], *, expected: dict, **kwargs: Any) -> dict[str, list]:
+# The key in `expected` that records which row set the shape (for the error message).
+_FIRST_KEPT = "__first_kept_row__"
+
+
+def _convert_batch(batch: dict[str, list], indices: list[int], **kwargs: Any) -> dict[str, list]:
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    out = [_convert_row(row, index, expected=expected, **kwargs) for row, index in zip(rows, indices)]
-    return {key: [row[key] for row in out] for key in expected}
+    out = [item for row, index in zip(rows, indices) for item in _convert_row(row, index, **kwargs)]
+    return {key: [item[key] for item in out] for key in kwargs["expected"] if key != _FIRST_KEPT}
 
 
-def _convert_row(row: Row, index: int, *, convert: Callable[[Row], Row], where: str, expected: dict | None) -> Row:
-    """The one place that turns a row problem into a UserError naming the data and the row."""
+def _convert_row(
+    row: Row,
+    index: int,
+    *,
+    plan: _Plan,
+    convert: Callable[[Row], Any],
+    kind: str,
+    where: str,
+    expected: dict | None,
+    counts: _Counts,
+) -> list[Row]:
+    """The rows one source row gives (none when it is dropped, several for a ranking), drops counted in `counts`.
+
+    The one place that turns a row problem into a UserError naming the data and the row.
+    """
+    kept = []
     try:
-        out = convert(row)
-        for key, style in _shape(out).items():
-            if expected is not None and style != expected[key]:
-                raise _RowError(f"field {key!r} holds {style} here but {expected[key]} in row 1")
+        result = convert(_prepare(row, plan))
+        for item in result if isinstance(result, list) else [result]:
+            if isinstance(item, _Skip):
+                counts.add(item, index)
+            elif kind == "preference" and item["chosen"] == item["rejected"]:
+                counts.add(_Skip(IDENTICAL, "'chosen' and 'rejected' are identical"), index)
+            else:
+                for key, style in _shape(item).items():
+                    if expected is not None and style != expected[key]:
+                        first = expected[_FIRST_KEPT]
+                        raise _RowError(f"field {key!r} holds {style} here but {expected[key]} in row {first}")
+                kept.append(item)
+    except _Skip as skip:
+        counts.add(skip, index)
     except _RowError as exc:
         raise UserError(f"{where}, row {index + 1}: {exc}.") from None
-    return out
+    return kept
+
+
+def _first_kept_shape(ds: datasets.Dataset, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The shape of the first row that is kept; if no row is, the error names the first dropped one."""
+    scratch = _Counts()
+    for index, row in enumerate(ds):
+        kept = _convert_row(row, index, expected=None, counts=scratch, **kwargs)
+        if kept:
+            return {**_shape(kept[0]), _FIRST_KEPT: index + 1}
+    first_index, detail = scratch.first or (0, "nothing came of it")
+    raise UserError(
+        f"{kwargs['where']}, row {first_index + 1}: {detail}; every row read was dropped ({_counted(scratch.dropped)}), "
+        "so nothing is left to use."
+    )
 
 
 def _shape(row: Row) -> dict[str, str]:
     return {key: "messages" if isinstance(value, list) else "text" for key, value in row.items()}
+
+
+def _print_notices(lines: list[str]) -> None:
+    if not lines:
+        return
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True, soft_wrap=True)
+    for line in lines:
+        label, _, rest = line.partition(": ")
+        color = "yellow" if label == "Warning" else "cyan"
+        console.print(f"[{color}]{label}:[/] {escape(rest)}", highlight=False)
 
 
 def _builder_for(path: Path) -> str | None:
@@ -478,32 +956,131 @@ def _reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _rename_columns(ds: datasets.Dataset, columns: dict[str, str], where: str, what: str) -> datasets.Dataset:
-    """Apply `columns` (canonical name -> source column); a canonical column it replaces is dropped."""
-    renamed = {canonical: source for canonical, source in columns.items() if source != canonical}
-    for canonical, source in columns.items():
-        if source not in ds.column_names:
-            raise UserError(
-                f"{where}: {what}.columns maps {canonical!r} to column {source!r}, which is not in the data; "
-                f"columns found: [{', '.join(ds.column_names)}]."
-            )
-    if len(set(columns.values())) < len(columns):
+# ---------------------------------------------------------------- planning: layout keys, columns, detection
+
+
+def _make_plan(source: DataSource, kind: Kind, raw_columns: list[str], where: str, what: str,
+               notes: list[str]) -> _Plan:  # fmt: skip
+    """Check that every column and path the layout keys name starts in a column of the data, and plan `_prepare`."""
+    found = f"columns found: [{', '.join(raw_columns)}]"
+
+    def check(path: str, key: str, names: str) -> None:
+        root = _root(path, raw_columns)
+        if root in raw_columns:
+            return
+        if root == path:
+            raise UserError(f"{where}: {what}.{key} {names} column {path!r}, which is not in the data; {found}.")
+        raise UserError(f"{where}: {what}.{key} {names} {path!r}, but the data has no column {root!r}; {found}.")
+
+    for name, path in source.columns.items():
+        check(path, "columns", f"maps {name!r} to")
+    if len(set(source.columns.values())) < len(source.columns):
         raise UserError(f"{where}: {what}.columns maps several names to the same column; map each column once.")
-    if not renamed:
-        return ds
-    renames = {source: canonical for canonical, source in renamed.items()}
-    replaced = [c for c in renames.values() if c in ds.column_names and c not in renames]
-    return ds.remove_columns(replaced).rename_columns(renames)
+    template = None
+    if source.prompt_template is not None:
+        template = _template_paragraphs(source.prompt_template)
+        for path in template_fields(source.prompt_template):
+            check(path, "prompt_template", "names")
+    winner, ranking = source.winner, source.ranking
+    if winner is not None and kind == "sft":
+        raise UserError(
+            f"{where}: {what}.winner makes preference pairs, but this stage reads SFT data; remove winner, or map "
+            f"the response to learn from with {what}.columns."
+        )
+    if kind == "prompt" and (winner or ranking):
+        key = "winner" if winner else "ranking"
+        notes.append(f"{key} is not used: only the prompt is read here.")
+        winner = ranking = None
+    if winner is not None:
+        check(winner.column, "winner.column", "names")
+        for path in winner.responses:
+            check(path, "winner.responses", "names")
+    if ranking is not None:
+        check(ranking.responses, "ranking.responses", "names")
+        if ranking.rank_column is not None:
+            check(ranking.rank_column, "ranking.rank_column", "names")
+    return _planned(dict(source.columns), template, winner, ranking, raw_columns)
+
+
+def _planned(columns: dict[str, str], template: Any, winner: Any, ranking: Any, raw_columns: list[str]) -> _Plan:
+    plan = _Plan(columns, template, winner, ranking, hidden=frozenset())
+    # A source column read by a layout key no longer shows under its own name (as with a rename), so detection
+    # sees only what the format will read; a name the layout produces replaces a source column of that name.
+    hidden = {_root(path, raw_columns) for name in plan.targets() for path in plan.sources(name)}
+    hidden |= set(plan.targets())
+    return _Plan(columns, template, winner, ranking, hidden=frozenset(hidden))
+
+
+def _visible_columns(raw_columns: list[str], plan: _Plan) -> list[str]:
+    """The column names the format sees: source columns the layout keys do not read, then the names they make."""
+    return [column for column in raw_columns if column not in plan.hidden] + plan.targets()
+
+
+def _self_instruct_columns(ds: datasets.Dataset, plan: _Plan, source: DataSource, kind: Kind, what: str,
+                           notes: list[str]) -> _Plan:  # fmt: skip
+    """Self-Instruct rows (`instruction` + `instances: [{input, output}]`) read as alpaca from their first instance,
+    so the nested input is not lost; said in a note, with how many rows hold more instances than the one read."""
+    visible = set(_visible_columns(list(ds.column_names), plan))
+    if (source.format not in ("auto", "alpaca") or kind == "preference" or not {"instruction", "instances"} <= visible
+            or {"input", "output"} & visible):  # fmt: skip
+        return plan
+    extra = {"input": "instances.0.input"} | ({"output": "instances.0.output"} if kind == "sft" else {})
+    more = sum(1 for instances in ds["instances"] if isinstance(instances, list) and len(instances) > 1)
+    notes.append(
+        f"read {' and '.join(f'{name} from {path}' for name, path in extra.items())} (the Self-Instruct layout)"
+        + (f"; {more} rows hold more than one instance, and only the first is read" if more else "")
+        + f"; map other paths with {what}.columns."
+    )
+    return _planned({**plan.columns, **extra}, plan.template, plan.winner, plan.ranking, list(ds.column_names))
+
+
+def _columns_read(plan: _Plan, reads: list[str], raw_columns: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Where each name the format reads comes from, and the source columns nothing reads."""
+    sources: dict[str, str] = {}
+    used: set[str] = set()
+    for name in reads:
+        paths = plan.sources(name)
+        used |= {_root(path, raw_columns) for path in paths} if paths else {name}
+        if name in plan.columns:
+            sources[name] = plan.columns[name]
+        elif name == "prompt" and plan.template is not None:
+            sources[name] = "prompt_template"
+        elif name in ("chosen", "rejected") and plan.winner is not None:
+            first, second = plan.winner.responses
+            sources[name] = f"{first} or {second}, by winner column {plan.winner.column}"
+        elif name == "responses" and plan.ranking is not None:
+            sources[name] = f"ranking of {plan.ranking.responses}"
+        else:
+            sources[name] = name
+    return sources, [column for column in raw_columns if column not in used]
 
 
 def _looks_like_hh(value: Any) -> bool:
-    return isinstance(value, str) and "\n\nHuman:" in value and "\n\nAssistant:" in value
+    """An Anthropic HH transcript: it opens with a Human turn (a transcript lacking its Assistant turn is still one,
+    and the hh reader says what is wrong with it) or holds both turn markers."""
+    return isinstance(value, str) and (
+        value.startswith("\n\nHuman:") or ("\n\nHuman:" in value and "\n\nAssistant:" in value)
+    )
 
 
-def _detect_format(ds: datasets.Dataset, kind: Kind, where: str, what: str) -> str:
+def _first_prepared(ds: datasets.Dataset, plan: _Plan, where: str) -> Row:
+    """The first row that is not dropped, as the format will read it (detection looks at its values)."""
+    for index, row in enumerate(ds):
+        try:
+            return _prepare(row, plan)
+        except _Skip:
+            continue
+        except _RowError as exc:
+            raise UserError(f"{where}, row {index + 1}: {exc}.") from None
+    return {}
+
+
+def _detect_format(ds: datasets.Dataset, plan: _Plan, visible: list[str], kind: Kind, where: str, what: str) -> str:
     """Guess the format from the column names (and, for HH, the first `chosen` value)."""
-    columns = set(ds.column_names)
-    hh = "chosen" in columns and _looks_like_hh(ds[0]["chosen"])
+    columns = set(visible)
+    if plan.ranking is not None:
+        return "ranked"
+    hh = "chosen" in columns and _looks_like_hh(_first_prepared(ds, plan, where).get("chosen"))
     if kind == "prompt":
         if "prompt" in columns:
             return "prompt"
@@ -531,6 +1108,6 @@ def _detect_format(ds: datasets.Dataset, kind: Kind, where: str, what: str) -> s
         if hh:
             return "hh"
     raise UserError(
-        f"{where}: cannot tell the format from columns [{', '.join(ds.column_names)}]; {_KIND_NEEDS[kind]}; "
+        f"{where}: cannot tell the format from columns [{', '.join(visible)}]; {_KIND_NEEDS[kind]}; "
         f"set {what}.format or {what}.columns."
     )

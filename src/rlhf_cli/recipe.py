@@ -95,7 +95,75 @@ class ModelSpec(_Strict):
         return self.name_or_path.startswith(BUILTIN_PREFIX)
 
 
-DataFormat = Literal["auto", "text", "prompt_completion", "messages", "preference", "alpaca", "sharegpt", "hh"]
+DataFormat = Literal[
+    "auto", "text", "prompt_completion", "messages", "preference", "alpaca", "sharegpt", "hh", "ranked"
+]
+LabelValue = int | float | str | None
+
+
+class WinnerSpec(_Strict):
+    """Two responses and a label column saying which is better (AlpacaEval/AlpacaFarm: preference 1, 2 or 0).
+
+    Read as preference pairs: chosen is the winner. Labels compare as numbers where they look like numbers
+    (1, 1.0 and "1" agree). Tie and skip rows are left out and counted; any other label is an error.
+    """
+
+    column: str = Field(description="Column (or dotted path) holding the label, e.g. preference.")
+    responses: list[str] = Field(
+        description="The two response columns (or paths), first then second, e.g. [output_1, output_2]."
+    )
+    first: list[LabelValue] = Field(description="Label value(s) meaning the first response is better, e.g. 1.")
+    second: list[LabelValue] = Field(description="Label value(s) meaning the second response is better, e.g. 2.")
+    tie: list[LabelValue] = Field(default_factory=list, description="Label value(s) meaning a tie, e.g. 0.")
+    skip: list[LabelValue] = Field(
+        default_factory=list, description="Other label values whose rows are left out, e.g. -1 or null (counted)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _values_as_lists(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {key: [value] if key in ("first", "second", "tie", "skip") and not isinstance(value, list)
+                    else value for key, value in data.items()}  # fmt: skip
+        return data
+
+    @model_validator(mode="after")
+    def _values_distinct(self) -> WinnerSpec:
+        from rlhf_cli.data import normalize_label
+
+        if len(self.responses) != 2 or self.responses[0] == self.responses[1]:
+            raise ValueError(f"responses must name two different columns, got {self.responses}")
+        seen: dict[Any, str] = {}
+        for name in ("first", "second", "tie", "skip"):
+            values = getattr(self, name)
+            if name in ("first", "second") and not values:
+                raise ValueError(f"{name} needs at least one label value")
+            for value in values:
+                key = normalize_label(value)
+                if key in seen and seen[key] != name:
+                    raise ValueError(f"label {value!r} is listed under both {seen[key]} and {name}")
+                seen[key] = name
+        return self
+
+
+class RankingSpec(_Strict):
+    """One prompt with several responses, each with a rank or a score (OpenAssistant-like).
+
+    Read as preference pairs, the best response against each other one; ties with the best are skipped and counted.
+    """
+
+    responses: str = Field(
+        "responses", description="Column (or dotted path) holding the list of responses: mappings or strings."
+    )
+    text: str = Field("text", description="Key of a response's text inside each response mapping.")
+    rank: str = Field("rank", description="Key of a response's rank or score inside each response mapping.")
+    rank_column: str | None = Field(
+        None, description="Column (or path) with a list of ranks or scores, one per response, instead of a key "
+        "inside each response (for plain-string responses)."
+    )
+    better: Literal["lower", "higher"] = Field(
+        description="lower: rank 1 is best (OpenAssistant ranks); higher: the highest score is best."
+    )
 
 
 class DataSource(_Strict):
@@ -105,12 +173,24 @@ class DataSource(_Strict):
     split: str = Field("train", description="Split to read.")
     format: DataFormat = Field(
         "auto",
-        description="auto | text | prompt_completion | messages | preference | alpaca | sharegpt | hh. "
+        description="auto | text | prompt_completion | messages | preference | alpaca | sharegpt | hh | ranked. "
         "'auto' detects from the columns.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict,
-        description="Rename source columns to the names the format expects, e.g. {prompt: question, completion: answer}.",
+        description="Names the format expects -> source columns or dotted paths into nested data, e.g. "
+        "{prompt: question, completion: answer} or {input: instances.0.input}.",
+    )
+    prompt_template: str | None = Field(
+        None,
+        description="Build the prompt from several fields, e.g. '{instruction}\\n\\n{input}' (fields may be dotted "
+        "paths); a paragraph whose fields are all empty is left out.",
+    )
+    winner: WinnerSpec | None = Field(
+        None, description="Two response columns and a label column saying which won (e.g. AlpacaEval's preference)."
+    )
+    ranking: RankingSpec | None = Field(
+        None, description="Several ranked or scored responses per prompt, read as pairs (format: ranked)."
     )
     limit: PositiveInt | None = Field(None, description="Use only the first N rows.")
 
@@ -118,6 +198,28 @@ class DataSource(_Strict):
     def _one_source(self) -> DataSource:
         if (self.path is None) == (self.name is None):
             raise ValueError("give exactly one of 'path' (local file) or 'name' (hub dataset)")
+        return self
+
+    @model_validator(mode="after")
+    def _layout_keys_agree(self) -> DataSource:
+        from rlhf_cli.data import template_fields
+
+        if self.prompt_template is not None:
+            if "prompt" in self.columns:
+                raise ValueError("prompt_template builds the prompt: remove columns.prompt, or the template")
+            try:
+                template_fields(self.prompt_template)
+            except ValueError as exc:
+                raise ValueError(f"prompt_template: {exc}") from None
+        if self.winner is not None:
+            if {"chosen", "rejected"} & set(self.columns):
+                raise ValueError("winner makes chosen and rejected: remove columns.chosen/columns.rejected")
+            if self.ranking is not None:
+                raise ValueError("give winner (two responses and a label) or ranking (ranked responses), not both")
+        if self.ranking is not None and self.format not in ("auto", "ranked"):
+            raise ValueError(f"ranking is read by format ranked, not {self.format!r}; set format: ranked or auto")
+        if self.format == "ranked" and self.ranking is None:
+            raise ValueError("format ranked needs a ranking section, at least ranking.better (lower or higher)")
         return self
 
 
