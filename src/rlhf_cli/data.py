@@ -19,7 +19,6 @@ import gzip
 import json
 import math
 import re
-import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -748,7 +747,7 @@ def load_data_with_report(
 
     kwargs: dict[str, Any] = {"plan": plan, "convert": convert, "kind": kind, "where": where}
     # Every row must have the first kept row's shape (text vs messages), or TRL would see mixed columns.
-    kwargs["expected"] = _first_kept_shape(ds, kwargs)
+    kwargs["expected"], kwargs["expected_row"] = _first_kept_shape(ds, kwargs)
     counts = _Counts()
     converted = ds.map(
         _convert_batch,
@@ -761,7 +760,7 @@ def load_data_with_report(
         desc=f"Reading {what}",
     )
     # map keeps a replaced column (e.g. chosen) where it was and appends new ones; put them in TRL's order.
-    dataset = converted.select_columns([key for key in kwargs["expected"] if key != _FIRST_KEPT])
+    dataset = converted.select_columns(list(kwargs["expected"]))
     sources, unused = _columns_read(plan, reads, raw_columns)
     report = DataReport(
         what=what, origin=origin, kind=kind, format=fmt, detected=detected, columns=sources,
@@ -771,14 +770,10 @@ def load_data_with_report(
     return dataset, report
 
 
-# The key in `expected` that records which row set the shape (for the error message).
-_FIRST_KEPT = "__first_kept_row__"
-
-
 def _convert_batch(batch: dict[str, list], indices: list[int], **kwargs: Any) -> dict[str, list]:
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     out = [item for row, index in zip(rows, indices) for item in _convert_row(row, index, **kwargs)]
-    return {key: [item[key] for item in out] for key in kwargs["expected"] if key != _FIRST_KEPT}
+    return {key: [item[key] for item in out] for key in kwargs["expected"]}
 
 
 def _convert_row(
@@ -790,6 +785,7 @@ def _convert_row(
     kind: str,
     where: str,
     expected: dict | None,
+    expected_row: int = 1,
     counts: _Counts,
 ) -> list[Row]:
     """The rows one source row gives (none when it is dropped, several for a ranking), drops counted in `counts`.
@@ -807,8 +803,7 @@ def _convert_row(
             else:
                 for key, style in _shape(item).items():
                     if expected is not None and style != expected[key]:
-                        first = expected[_FIRST_KEPT]
-                        raise _RowError(f"field {key!r} holds {style} here but {expected[key]} in row {first}")
+                        raise _RowError(f"field {key!r} holds {style} here but {expected[key]} in row {expected_row}")
                 kept.append(item)
     except _Skip as skip:
         counts.add(skip, index)
@@ -817,17 +812,19 @@ def _convert_row(
     return kept
 
 
-def _first_kept_shape(ds: datasets.Dataset, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The shape of the first row that is kept; if no row is, the error names the first dropped one."""
+def _first_kept_shape(ds: datasets.Dataset, kwargs: dict[str, Any]) -> tuple[dict[str, str], int]:
+    """The shape of the first row that is kept, and its row number; if no row is, the error names the first dropped
+    one."""
     scratch = _Counts()
     for index, row in enumerate(ds):
         kept = _convert_row(row, index, expected=None, counts=scratch, **kwargs)
         if kept:
-            return {**_shape(kept[0]), _FIRST_KEPT: index + 1}
+            return _shape(kept[0]), index + 1
     first_index, detail = scratch.first or (0, "nothing came of it")
+    dropped = _counted(scratch.dropped)
     raise UserError(
-        f"{kwargs['where']}, row {first_index + 1}: {detail}; every row read was dropped ({_counted(scratch.dropped)}), "
-        "so nothing is left to use."
+        f"{kwargs['where']}, row {first_index + 1}: {detail}; every row read was dropped ({dropped}), so nothing is "
+        "left to use."
     )
 
 

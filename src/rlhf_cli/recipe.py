@@ -218,6 +218,8 @@ class DataSource(_Strict):
                 raise ValueError("give winner (two responses and a label) or ranking (ranked responses), not both")
         if self.ranking is not None and self.format not in ("auto", "ranked"):
             raise ValueError(f"ranking is read by format ranked, not {self.format!r}; set format: ranked or auto")
+        if self.ranking is not None and "responses" in self.columns:
+            raise ValueError("ranking names the responses: remove columns.responses and set ranking.responses")
         if self.format == "ranked" and self.ranking is None:
             raise ValueError("format ranked needs a ranking section, at least ranking.better (lower or higher)")
         return self
