@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite tests the CPU paths (gloo, float32, 2-process ZeRO-3 on CPU): hide any GPU so it passes unchanged on a
+# GPU machine. RLHF_TEST_GPU=1 leaves the GPUs visible.
+if not os.environ.get("RLHF_TEST_GPU"):
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from pathlib import Path  # noqa: E402
 

@@ -154,13 +154,24 @@ def test_malformed_row(tmp_path):
     assert_clean_failure(["train-rm", str(path), "-o", str(out)], "preference.jsonl", "row 3", "'rejected'", out=out)
 
 
-def test_non_empty_output_dir_is_refused_and_left_alone(tmp_path):
+def test_a_folder_the_tool_did_not_create_is_refused_and_left_alone_even_with_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     path = tiny_recipe(tmp_path)
-    assert_clean_failure(["sft", str(path), "-o", str(out)], "is not empty", "--overwrite", "--resume")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    for flags in ([], ["--overwrite"], ["--resume"]):
+        assert_clean_failure(["sft", str(path), "-o", str(out), *flags], "is not empty", "not created by rlhf")
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_previous_run_is_refused_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".rlhf-run").write_text("{}")
+    (out / "summary.json").write_text("{}")
+    path = tiny_recipe(tmp_path)
+    assert_clean_failure(["sft", str(path), "-o", str(out)], "holds a previous run", "--overwrite", "--resume")
+    assert sorted(p.name for p in out.iterdir()) == [".rlhf-run", "summary.json"]
 
 
 def test_resume_without_checkpoint(tmp_path):

@@ -97,12 +97,12 @@ def test_trainer_config_takes_what_other_sections_decide(tmp_path):
     raw = {"model": {"name_or_path": "builtin:tiny-gpt2"},
            "data": {"train": {"name": "org/d"}, "eval": {"name": "org/d", "split": "test"}, "max_length": 77},
            "training": {"learning_rate": 1e-3}, "distributed": {"strategy": "zero3", "num_processes": 2},
-           "seed": 5, "report_to": "tensorboard"}
+           "seed": 5, "report_to": "all"}
     r = validate_recipe(raw, "rm")
     plan = plan_launch(r, "rm", "RewardConfig", tmp_path, CPU)
     kwargs = trainer_config_kwargs(STAGES["rm"], r, tmp_path, plan)
     assert kwargs["learning_rate"] == 1e-3 and kwargs["max_length"] == 77 and kwargs["seed"] == 5
-    assert kwargs["output_dir"] == str(tmp_path) and kwargs["report_to"] == "tensorboard"
+    assert kwargs["output_dir"] == str(tmp_path) and kwargs["report_to"] == "all"
     assert kwargs["deepspeed"] == str(tmp_path / "deepspeed.json")
     assert kwargs["use_cpu"] is True and kwargs["bf16"] is False
     assert kwargs["eval_strategy"] == "epoch"  # eval data given: evaluate it

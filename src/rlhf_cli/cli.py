@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(help="Check and inspect recipes without training.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
+data_app = typer.Typer(help="Look at a recipe's data as its trainer will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 RecipeArg = Annotated[str, typer.Argument(help="Path to the YAML recipe.", show_default=False)]
 SetOpt = Annotated[
@@ -57,16 +59,32 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(command):
-    """Turn UserError into one paragraph on stderr and exit code 2 (no traceback)."""
+    """Turn UserError into one paragraph on stderr and exit code 2, Ctrl-C/SIGTERM into one line and 130, and any
+    other failure into one paragraph and exit 1 (RLHF_CLI_TRACEBACK=1 shows the traceback instead)."""
 
     @wraps(command)
     def wrapper(*args, **kwargs):
+        import os
+
+        from rlhf_cli import interrupts
+
+        interrupts.install()
         try:
             return command(*args, **kwargs)
         except UserError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:
-            _fail("interrupted.", code=130)
+            _fail("Interrupted; nothing half-made was left behind (a saved checkpoint continues with --resume).",
+                  code=130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if interrupts.requested():  # a library turned the Ctrl-C into its own error
+                _fail("Interrupted.", code=130)
+            if os.environ.get("RLHF_CLI_TRACEBACK"):
+                raise
+            _fail(f"Unexpected {type(exc).__name__}: {exc}. This is a bug in rlhf-cli or a library it uses; run "
+                  "again with RLHF_CLI_TRACEBACK=1 to see where it happened, and report it.", code=1)
 
     return wrapper
 
@@ -216,7 +234,13 @@ def _load_for_inspection(recipe: str, stage: str | None, overrides):
             f"{recipe}: cannot tell which stage this recipe is for; add `stage: sft`, `stage: rm`, `stage: ppo`, "
             "`stage: eval` or `stage: generate` to it, or pass --stage."
         )
-    return validate_recipe(raw, chosen, source=recipe, base_dir=Path(recipe).resolve().parent)
+    loaded = validate_recipe(raw, chosen, source=recipe, base_dir=Path(recipe).resolve().parent)
+    if loaded.distributed.strategy != "none" or loaded.training.get("bf16") is True:
+        from rlhf_cli.launch import Hardware
+        from rlhf_cli.preflight import check_hardware
+
+        check_hardware(loaded, Hardware.detect())  # imports torch, only when the recipe asks for more than a CPU
+    return loaded
 
 
 @recipe_app.command("validate")
@@ -253,7 +277,27 @@ def recipe_show(
     typer.echo(recipe_to_yaml(_load_for_inspection(recipe, stage, overrides)), nl=False)
 
 
+@data_app.command("inspect")
+@user_errors
+def data_inspect(
+    recipe: RecipeArg,
+    stage: StageOpt = None,
+    overrides: SetOpt = None,
+    examples: Annotated[int, typer.Option("--examples", "-n", min=0, help="Rendered examples per data source.")] = 2,
+) -> None:
+    """Show each data source of a recipe as the trainer will see it: format, columns, rows read/kept/dropped, token
+    lengths against max_length with what data.on_too_long does, and rendered examples (chat template applied,
+    after truncation). Loads tokenizers only, no model weights."""
+    from rlhf_cli.inspect_data import inspect_recipe
+
+    loaded = _load_for_inspection(recipe, stage, overrides)
+    print("\n".join(inspect_recipe(loaded, stage or loaded.stage, examples=examples)), flush=True)
+
+
 def main() -> None:
+    from rlhf_cli import interrupts
+
+    interrupts.install()  # SIGTERM during start-up: exit 130 with a line, not a silent 143
     app()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,8 @@ BUILTIN_MODELS = ("builtin:tiny-gpt2",)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: "yes" is not a boolean and "3" not a number; a recipe says what it means
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class LoraSpec(_Strict):
@@ -228,7 +230,14 @@ class DataSource(_Strict):
 class DataSpec(_Strict):
     train: DataSource = Field(description="Training data.")
     eval: DataSource | None = Field(None, description="Evaluation data (optional).")
-    max_length: PositiveInt = Field(512, description="Truncate tokenized examples to this many tokens.")
+    max_length: PositiveInt = Field(
+        512, description="Longest example in tokens as the trainer reads it (prompt + response, chat template "
+        "applied; a PPO prompt alone). What happens to a longer one: on_too_long."
+    )
+    on_too_long: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="truncate: keep the prompt's end and each response's start (a text row keeps its "
+        "start); drop: leave such rows out (counted in the summary); error: stop before training, naming the first."
+    )
 
 
 class DistributedSpec(_Strict):
@@ -382,7 +391,7 @@ class EvalSpec(SamplingSpec):
     num_samples_in_report: int = Field(8, ge=0, description="Prompts shown with both responses in report.md.")
     max_length: PositiveInt = Field(
         512, description="Longest preference pair or demonstration (prompt + response) in tokens; a longer one "
-        "keeps its last N tokens."
+        "is cut as training cuts it: the prompt's end and the response's start."
     )
     calibration_buckets: PositiveInt = Field(4, description="Equal-count score-gap buckets of the calibration table.")
 
@@ -481,9 +490,37 @@ _OWNED_KEYS = {
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`, a trap in every recipe)."""
+    """SafeLoader with YAML 1.2 scalars and no duplicate keys:
+    - `1e-5` is a float (YAML 1.1 wants `1.0e-5`, a trap in every recipe);
+    - only true/false are booleans: `save_strategy: no` is the string TRL means, not False;
+    - a key given twice is an error, not a silent replacement of the first (often a whole section).
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hashable = hash(key) is not None
+                except TypeError:
+                    hashable = False
+                if hashable and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first on line {seen[key] + 1}); keep one",
+                        key_node.start_mark,
+                    )
+                if hashable:
+                    seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
@@ -509,7 +546,13 @@ def read_recipe_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Recipe file {path} does not exist." if not path.exists() else f"{path} is not a file.")
-    raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8.") from None
+    except OSError as exc:
+        raise UserError(f"Cannot read the recipe {path}: {exc.strerror or exc}.") from None
+    raw = parse_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path} must hold a YAML mapping (model:, data:, training:, ...), not {type(raw).__name__}.")
     return raw
@@ -653,8 +696,50 @@ _REQUIRED_SECTIONS = {"sft": ("model", "data"), "rm": ("model", "data"), "ppo": 
                       "eval": ("eval",), "generate": ("model", "generate")}  # fmt: skip
 
 
+def _non_finite_numbers(value: Any, where: str = "") -> list[str]:
+    """Dotted keys holding NaN or infinity (`.inf`, `.nan`): never a meaningful setting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [where or "(top level)"]
+    if isinstance(value, dict):
+        return [key for name, item in value.items() for key in _non_finite_numbers(item, f"{where}.{name}".strip("."))]
+    if isinstance(value, list):
+        return [key for n, item in enumerate(value) for key in _non_finite_numbers(item, f"{where}[{n}]")]
+    return []
+
+
+_SECRET_NAMES = re.compile(r"(^|_)(token|api_key|apikey|secret|password|passwd|credentials?)$")
+_NOT_SECRETS = {"eos_token", "pad_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+
+
+def is_secret_key(name: str) -> bool:
+    """A key whose value is a credential (hub_token, wandb_api_key, ...), not a token of the vocabulary."""
+    return name not in _NOT_SECRETS and bool(_SECRET_NAMES.search(name.lower()))
+
+
+SECRET_ENV = {"hub_token": "HF_TOKEN"}  # where a credential given in a recipe is handed to the libraries instead
+
+
+def take_secrets(recipe: Recipe) -> None:
+    """Move credentials out of `training:` into the environment of this process (and so of its workers), so the
+    saved recipe, training_args.bin and logs never hold them. The library reads HF_TOKEN itself."""
+    import os
+
+    for key in [key for key in recipe.training if is_secret_key(key)]:
+        value = recipe.training.pop(key)
+        env = SECRET_ENV.get(key)
+        if env and isinstance(value, str) and value:
+            os.environ.setdefault(env, value)
+
+
 def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
     """Validate a raw recipe mapping for `stage` (one of RECIPE_STAGES) and resolve its paths."""
+    non_finite = _non_finite_numbers(raw)
+    if non_finite:
+        raise UserError(f"Recipe {source}: {', '.join(non_finite)} must be a finite number, not NaN or infinity.")
+    unknown_secrets = [key for key in (raw.get("training") or {}) if is_secret_key(str(key)) and key not in SECRET_ENV]
+    if unknown_secrets:
+        raise UserError(f"Recipe {source}: training.{unknown_secrets[0]} is a credential; recipes are saved into "
+                        "every run directory, so set it in the environment instead (e.g. WANDB_API_KEY, HF_TOKEN).")  # fmt: skip
     problems = []
     try:
         recipe = Recipe.model_validate(raw)
@@ -671,6 +756,9 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
     if stage not in TRAINING_STAGES:
         _check_sections_without_training(recipe, stage, source)
         _resolve_paths(recipe, base_dir or Path.cwd())
+        from rlhf_cli.preflight import check_recipe
+
+        check_recipe(recipe, stage, source)
         return recipe
     for section in ("eval", "generate"):
         if getattr(recipe, section) is not None:
@@ -686,7 +774,11 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
     problems = check_training_keys(config_class, recipe.training)
     if problems:
         raise UserError(f"Recipe {source} has a bad `training` section for {config_class}: " + " ".join(problems))
+    take_secrets(recipe)
     _resolve_paths(recipe, base_dir or Path.cwd())
+    from rlhf_cli.preflight import check_recipe
+
+    check_recipe(recipe, stage, source)
     return recipe
 
 

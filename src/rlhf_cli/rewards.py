@@ -27,6 +27,7 @@ Standard library only: no torch, so the CLI imports this module at no cost.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import re
@@ -249,3 +250,15 @@ def gsm8k_exact_match(prompts: Sequence[Any], completions: Sequence[str], **kwar
             f"`export {GSM8K_ENV}=../shared/data/gsm8k/train.jsonl`."
         )
     return _gsm8k_reward(spec)(prompts, completions, **kwargs)
+
+
+def load_rule_reward(spec: str, what: str = "ppo.reward.function"):
+    """Import `module.path:function`; `what` is the recipe key that named it, for the error message."""
+    module_name, _, function_name = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"{what} {spec!r} cannot be imported: {exc}") from None
+    if not callable(function):
+        raise UserError(f"{what} {spec!r} is not callable.")
+    return function

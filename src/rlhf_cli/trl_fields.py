@@ -48,6 +48,8 @@ _BOUNDS: dict[str, tuple[str, float]] = {
     "ppo_epochs": (">=", 1),
     "response_length": (">=", 1),
     "temperature": (">", 0),
+    "top_p": (">", 0),
+    "kl_horizon": (">=", 1),
     "kl_coef": (">=", 0),
     "cliprange": (">", 0),
     "cliprange_value": (">", 0),
@@ -144,6 +146,41 @@ _CHECKS = {
 }
 
 
+# Enum types of TrainingArguments fields, and the transformers file that defines each (read with ast, like fields).
+_ENUM_FILES = {
+    "IntervalStrategy": "trainer_utils.py",
+    "SaveStrategy": "trainer_utils.py",
+    "HubStrategy": "trainer_utils.py",
+    "SchedulerType": "trainer_utils.py",
+    "OptimizerNames": "training_args.py",
+}
+
+
+@cache
+def enum_values(enum_name: str) -> tuple[str, ...]:
+    """The string values of one of transformers' ExplicitEnum classes, without importing transformers."""
+    root = _package_root("transformers")
+    if root is None or enum_name not in _ENUM_FILES:
+        return ()
+    tree = ast.parse((root / _ENUM_FILES[enum_name]).read_text(encoding="utf-8"))
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == enum_name), None)
+    if node is None:
+        return ()
+    return tuple(stmt.value.value for stmt in node.body if isinstance(stmt, ast.Assign)
+                 and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str))  # fmt: skip
+
+
+def _enum_problem(key: str, annotation: str, value: Any) -> str | None:
+    """A string that is not one of the enum's values (e.g. save_strategy: 'never')."""
+    for atom in _type_atoms(annotation):
+        allowed = enum_values(atom)
+        if allowed and isinstance(value, str) and value not in allowed:
+            close = difflib.get_close_matches(value, allowed, n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            return f"training.{key}: {value!r} is not one of {', '.join(allowed)}.{hint}"
+    return None
+
+
 def value_matches(annotation: str, value: Any) -> bool:
     """True when `value` fits `annotation`; annotations naming other types (enums, classes) accept anything."""
     atoms = _type_atoms(annotation)
@@ -164,6 +201,10 @@ def check_training_keys(class_name: str, training: dict[str, Any]) -> list[str]:
             continue
         if not value_matches(fields[key], value):
             problems.append(f"training.{key}: expected {fields[key]}, got {type(value).__name__} {value!r}.")
+            continue
+        enum_problem = _enum_problem(key, fields[key], value)
+        if enum_problem:
+            problems.append(enum_problem)
             continue
         bound = _BOUNDS.get(key)
         if bound and isinstance(value, (int, float)):

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=args.resume)
         train_data, eval_data = load_stage_data(stage, recipe)
         return train(stage, recipe, run_dir, trainer_config_kwargs(stage, recipe, run_dir, plan), train_data,
-                     eval_data, resume=args.resume, clear=False, launched=True)  # fmt: skip
+                     eval_data, resume=args.resume, run=None)  # fmt: skip
     except UserError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         # The launcher reports any failure as 1; this marker tells the parent it was a bad input (exit code 2).

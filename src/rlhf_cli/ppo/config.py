@@ -59,6 +59,10 @@ class PPOConfig:
             raise ValueError("gradient_accumulation_steps must divide mini_batch_size")
         if self.lr_schedule not in ("constant", "linear"):
             raise ValueError(f"lr_schedule must be 'constant' or 'linear', got {self.lr_schedule!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p!r}")
+        if self.kl_horizon < 1:
+            raise ValueError(f"kl_horizon must be at least 1 (samples), got {self.kl_horizon!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
 

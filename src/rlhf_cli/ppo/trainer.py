@@ -44,10 +44,15 @@ from rlhf_cli.ppo.rollout import (
     reward_scores,
 )
 from rlhf_cli.recipe import Recipe
-from rlhf_cli.rundir import METRICS_FILE, interrupt_callback, last_checkpoint
+from rlhf_cli.rewards import load_rule_reward  # noqa: F401 (also imported from here)
+from rlhf_cli.guard import DIVERGED_EXIT_CODE, Divergence, divergence_message, non_finite
+from rlhf_cli.rundir import METRICS_FILE, dumps, interrupt_callback, last_checkpoint, mark_checkpoint_complete
 
 
-ALARM_EXIT_CODE = 3  # a run stopped on purpose by `ppo.alarms.mode: stop`
+ALARM_EXIT_CODE = 3
+# A step whose losses, gradient norm, rewards or KL are not finite has poisoned the weights (or the reward model
+# gives NaN): the run stops there.
+_MUST_BE_FINITE = ("policy_loss", "value_loss", "grad_norm", "score", "kl", "entropy")  # a run stopped on purpose by `ppo.alarms.mode: stop`
 
 
 @dataclass
@@ -77,18 +82,6 @@ class PPOState:
     @property
     def score_std(self) -> float:
         return math.sqrt(self.score_m2 / max(self.score_count - 1, 1)) if self.score_count > 1 else 1.0
-
-
-def load_rule_reward(spec: str, what: str = "ppo.reward.function"):
-    """Import `module.path:function`; `what` is the recipe key that named it, for the error message."""
-    module_name, _, function_name = spec.partition(":")
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"{what} {spec!r} cannot be imported: {exc}") from None
-    if not callable(function):
-        raise UserError(f"{what} {spec!r} is not callable.")
-    return function
 
 
 def check_same_vocabulary(tokenizer, other_path: str, what: str) -> None:
@@ -257,8 +250,14 @@ class PPOTrainer:
         acc.register_for_checkpointing(self.state)
         acc.register_for_checkpointing(self.scheduler)
 
+        from rlhf_cli.lengths import fit_prompts, warn
+
+        # data.on_too_long: a prompt keeps its last data.max_length tokens, or is dropped, or stops the run.
+        prompts, self.prompt_lengths = fit_prompts(prompts, self.tokenizer, max_length=recipe.data.max_length,
+                                                   on_too_long=recipe.data.on_too_long)  # fmt: skip
+        warn(self.prompt_lengths)
         self.prompt_texts = prompts["prompt"]
-        self.prompt_ids = encode_prompts(prompts, self.tokenizer, recipe.data.max_length)
+        self.prompt_ids = [list(ids) for ids in prompts["input_ids"]]
         self.timer = PhaseTimer(acc.device)  # a fresh one each step
 
     def _load_models(self, prompts):
@@ -503,11 +502,12 @@ class PPOTrainer:
 
     def train(self, *, resume: bool) -> int:
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         cfg, acc, state = self.config, self.accelerator, self.state
         if resume:
-            acc.load_state(str(last_checkpoint(self.run_dir)))
+            acc.load_state(str(last_checkpoint(self.run_dir, warn=acc.is_main_process)))
         interrupt = interrupt_callback()
         console = Console()
         main = acc.is_main_process
@@ -524,10 +524,19 @@ class PPOTrainer:
                                          len(self.prompt_ids), self.recipe.seed)  # fmt: skip
                 metrics, batch, scores = self.step(indices)
                 state.step += 1
-                if main and state.step % cfg.logging_steps == 0:
+                # Metrics are gathered over every process, so every process reaches the same verdict.
+                diverged = non_finite({key: metrics.get(key) for key in _MUST_BE_FINITE})
+                if main and (state.step % cfg.logging_steps == 0 or diverged):
                     record = {"step": state.step, "time": round(time.time(), 3), **metrics}
                     with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                        handle.write(dumps(record) + "\n")
+                if diverged:  # nothing is saved: the weights were updated by a non-finite loss or gradient
+                    if main:
+                        message = divergence_message(Divergence(state.step, diverged), last_checkpoint(self.run_dir))
+                        progress.stop()
+                        Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}",
+                                                                   highlight=False)  # fmt: skip
+                    return DIVERGED_EXIT_CODE
                 if main and cfg.sample_every and state.step % cfg.sample_every == 0:
                     self.log_samples(batch, scores, progress.console)
                 progress.update(task, completed=state.step,
@@ -538,9 +547,12 @@ class PPOTrainer:
                 if alarms.should_stop and fired:
                     stopped_by = fired
                 stop = self._stop_requested(interrupt)
-                if stop or stopped_by or state.step % cfg.save_steps == 0:
-                    acc.save_state(str(self.run_dir / f"checkpoint-{state.step}"))
                 checkpoint = self.run_dir / f"checkpoint-{state.step}"
+                if stop or stopped_by or state.step % cfg.save_steps == 0:
+                    acc.save_state(str(checkpoint))
+                    acc.wait_for_everyone()  # every rank's shard is on disk before the checkpoint counts as complete
+                    if main:
+                        mark_checkpoint_complete(checkpoint)
                 if stopped_by:
                     if main:
                         console.print(f"[red]Stopped by the {', '.join(a.name for a in stopped_by)} alarm[/] "
@@ -620,6 +632,7 @@ class PPOTrainer:
             summary = {
                 "stage": "ppo",
                 "policy": self.recipe.model.name_or_path,
+                **{f"prompt {key}": value for key, value in self.prompt_lengths.counts().items()},
                 "steps": self.state.step,
                 "score (first steps)": sum(r["score"] for r in history[:window]) / window,
                 "score (last steps)": sum(r["score"] for r in history[-window:]) / window,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -18,12 +19,14 @@ import yaml
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import DEEPSPEED_CONFIG, RESOLVED_RECIPE, WORKER_INPUT_ERROR, Hardware, LaunchPlan, plan_launch
 from rlhf_cli.recipe import Recipe, recipe_to_yaml
+from rlhf_cli.preflight import check_hardware
+from rlhf_cli.guard import DIVERGED_EXIT_CODE, divergence_message, install_trainer_guard
 from rlhf_cli.rundir import (
-    check_run_dir,
+    RunDirectory,
+    checkpoint_marker_callback,
     interrupt_callback,
     last_checkpoint,
     metrics_callback,
-    prepare_run_dir,
     print_summary,
     write_summary,
 )
@@ -71,16 +74,23 @@ def trainer_config_kwargs(stage: Stage, recipe: Recipe, run_dir: Path, plan: Lau
         kwargs["deepspeed"] = str(run_dir / DEEPSPEED_CONFIG)
     if recipe.data.eval is not None and "eval_strategy" not in kwargs:
         kwargs["eval_strategy"] = "epoch"  # given eval data, evaluate it (TRL's default is never)
+    # Keep a NaN loss in the logged sum (the filter would log the running mean instead) so the guard sees it.
+    kwargs.setdefault("logging_nan_inf_filter", False)
     return kwargs
 
 
-def show_dry_run(stage: Stage, plan: LaunchPlan, config_kwargs: dict) -> None:
+def show_dry_run(stage: Stage, plan: LaunchPlan, config_kwargs: dict, recipe: Recipe | None = None) -> None:
     from rich.console import Console
     from rich.syntax import Syntax
 
     console = Console()
     console.print(f"[bold]{stage.title}[/] — trl.{stage.config_class} (keys set by the recipe and the CLI):")
     console.print(Syntax(yaml.safe_dump(config_kwargs, sort_keys=True), "yaml"))
+    if recipe is not None:  # format, columns, counts and lengths of the data (tokenizer only, no weights)
+        from rlhf_cli.inspect_data import dry_run_lines
+
+        console.print("[bold]Data:[/]")
+        print("\n".join(dry_run_lines(stage.stage_key, recipe)), flush=True)
     show_launch(plan)
 
 
@@ -135,7 +145,9 @@ def run_stage(
     """Run one stage from a validated recipe; returns the process exit code."""
     run_dir = resolve_run_dir(recipe, output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})  # recipe.yaml records where the run went
-    plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=resume,
+    hardware = Hardware.detect()
+    check_hardware(recipe, hardware)
+    plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, hardware, resume=resume,
                        cli_argv=cli_argv)  # fmt: skip
     config_kwargs = trainer_config_kwargs(stage, recipe, run_dir, plan)
     if plan.precision.get("use_cpu") and (recipe.training.get("bf16") or recipe.training.get("fp16")):
@@ -143,17 +155,25 @@ def run_stage(
 
         Console(stderr=True).print("[yellow]Note:[/] no GPU here, so training runs in float32 (bf16/fp16 ignored).")
     if dry_run:
-        show_dry_run(stage, plan, config_kwargs)
+        show_dry_run(stage, plan, config_kwargs, recipe)
         return 0
-    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    train_data, eval_data = load_stage_data(stage, recipe)
-    if plan.distributed:
-        return launch_distributed(recipe, plan, run_dir, clear=overwrite)
-    return train(stage, recipe, run_dir, config_kwargs, train_data, eval_data, resume=resume, clear=overwrite)
+    with RunDirectory(run_dir, overwrite=overwrite, resume=resume) as run:
+        train_data, eval_data = load_stage_data(stage, recipe)
+        if plan.distributed:
+            return run.finish(launch_distributed(recipe, plan, run))
+        return run.finish(train(stage, recipe, run_dir, config_kwargs, train_data, eval_data, resume=resume, run=run))
 
 
-def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear: bool) -> int:
-    """Write the launch files and run the stage under `accelerate launch`; clean up if it failed before training."""
+def write_resolved_recipe(run: RunDirectory, recipe: Recipe) -> None:
+    """The run directory's first files: the marker (via create) and the recipe as resolved."""
+    run.create()
+    (run.path / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+
+
+def launch_distributed(recipe: Recipe, plan: LaunchPlan, run: RunDirectory) -> int:
+    """Write the launch files and run the stage under `accelerate launch`; this process holds the run's lock."""
+    import signal
+
     from rich.console import Console
 
     # A new run may still hold a builtin model to build: do it once here, not in every process.
@@ -161,9 +181,8 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear
         from rlhf_cli.models import resolve_model_path
 
         resolve_model_path(recipe.model, recipe.seed)
-    existed = run_dir.is_dir() and any(run_dir.iterdir()) and not clear
-    prepare_run_dir(run_dir, clear=clear)
-    (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    run_dir = run.path
+    write_resolved_recipe(run, recipe)
     plan.write(run_dir)
     Console(stderr=True).print(f"[bold]Launching[/] {plan.num_processes} process(es): {plan.command_line()}",
                                markup=True, highlight=False, soft_wrap=True)  # fmt: skip
@@ -173,7 +192,13 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear
         try:
             returncode = process.wait()
             break
-        except KeyboardInterrupt:  # the workers got the same Ctrl-C: wait while they save a checkpoint and exit
+        except KeyboardInterrupt:
+            # A terminal Ctrl-C reached the workers too; a SIGTERM (a scheduler, `kill`) reached only this process:
+            # pass it on. Either way wait while they save a checkpoint and exit.
+            from rlhf_cli.interrupts import last_signal
+
+            if last_signal() == signal.SIGTERM and not interrupted:
+                process.send_signal(signal.SIGTERM)
             interrupted = True
     if interrupted:
         returncode = INTERRUPTED_EXIT_CODE
@@ -181,10 +206,6 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run_dir: Path, *, clear
     if returncode != 0 and marker.is_file():
         marker.unlink()
         returncode = 2  # a bad input, already explained by the worker: the same code as in-process runs
-    if returncode not in (0, INTERRUPTED_EXIT_CODE) and not existed and last_checkpoint(run_dir) is None:
-        import shutil
-
-        shutil.rmtree(run_dir, ignore_errors=True)  # nothing worth keeping: leave no half-made run behind
     return returncode
 
 
@@ -197,18 +218,21 @@ def train(
     eval_data,
     *,
     resume: bool,
-    clear: bool,
-    launched: bool = False,
+    run: RunDirectory | None,
 ) -> int:
-    """Train in this process (one of several when `launched` by accelerate)."""
+    """Train in this process; `run` is None in a worker under accelerate (the parent made and holds the directory)."""
     import trl
     from trl.data_utils import is_conversational
 
+    from rlhf_cli.lengths import fit_stage_data, row_counts
     from rlhf_cli.models import load_model, load_tokenizer, lora_config, resolve_model_path
 
     started = time.time()
     model_path = resolve_model_path(recipe.model, recipe.seed)
     tokenizer = load_tokenizer(recipe.model, model_path, conversational=is_conversational(train_data[0]))
+    rows_read = len(train_data)
+    # Long examples are cut, dropped or refused here, tokenized as TRL would: TRL itself then removes nothing.
+    train_data, eval_data, length_reports = fit_stage_data(stage, recipe, tokenizer, train_data, eval_data)
     # The TRL config comes before the model: under ZeRO-3 it arms zero.Init so weights load already sharded.
     try:
         config = getattr(trl, stage.config_class)(**config_kwargs)
@@ -228,29 +252,38 @@ def train(
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=lora_config(recipe.model, stage.model_kind),
-        callbacks=[metrics, interrupt],
+        callbacks=[metrics, interrupt, checkpoint_marker_callback()],
         **(stage.trainer_kwargs(recipe) if stage.trainer_kwargs else {}),
     )
     _use_rich_progress(trainer)
+    guard = install_trainer_guard(trainer)
+    rows = row_counts(trainer, length_reports, rows_read)  # checks that the trainer holds every kept row
 
     # Every input is good: from here on the run directory is written.
-    if not launched:
-        prepare_run_dir(run_dir, clear=clear)
-        (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    checkpoint = str(last_checkpoint(run_dir)) if resume else None
-    with interrupt.installed():
+    if run is not None:
+        write_resolved_recipe(run, recipe)
+    checkpoint = str(last_checkpoint(run_dir, warn=trainer.is_world_process_zero())) if resume else None
+    with interrupt.installed(), disk_errors_explained(run_dir):
         result = trainer.train(resume_from_checkpoint=checkpoint)
 
     main_process = trainer.is_world_process_zero()
+    if "divergence" in guard:
+        if main_process:
+            message = divergence_message(guard["divergence"], last_checkpoint(run_dir))
+            write_summary(run_dir, {**_summary(stage, recipe, run_dir, trainer, result, rows,
+                                               time.time() - started), "status": "diverged", "message": message})  # fmt: skip
+            _print_error(message)
+        return DIVERGED_EXIT_CODE
     if interrupt.requested:
         if main_process:
             saved = last_checkpoint(run_dir)
             print(f"Interrupted: checkpoint saved in {saved}. Continue with the same command and --resume.")
         return INTERRUPTED_EXIT_CODE
 
-    save_final_model(trainer, recipe, run_dir)
+    with disk_errors_explained(run_dir):
+        save_final_model(trainer, recipe, run_dir)
     if main_process:
-        summary = _summary(stage, recipe, run_dir, trainer, result, len(train_data), time.time() - started)
+        summary = _summary(stage, recipe, run_dir, trainer, result, rows, time.time() - started)
         write_summary(run_dir, summary)
         print_summary(f"{stage.title}: done", summary)
     return 0
@@ -274,7 +307,7 @@ def _summary(stage, recipe, run_dir, trainer, result, rows, seconds) -> dict:
     summary = {
         "stage": stage.name,
         "model": recipe.model.name_or_path,
-        "train rows": rows,
+        **rows,  # rows read, kept, truncated, dropped (rlhf_cli.lengths)
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "final loss": history[-1]["loss"] if history else None,
@@ -306,3 +339,53 @@ def _use_rich_progress(trainer) -> None:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(RichProgressCallback())
+
+
+def _print_error(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
+
+
+@contextmanager
+def disk_errors_explained(run_dir: Path):
+    """A full disk or an unwritable directory while saving becomes one paragraph (exit 2), and the checkpoint it
+    cut short is removed, so --resume continues from the last complete one."""
+    try:
+        yield
+    except Exception as exc:
+        reason = _storage_problem(exc)
+        if reason is None:
+            raise
+        import shutil
+
+        from rlhf_cli.rundir import checkpoint_is_complete
+
+        for partial in run_dir.glob("checkpoint-*"):
+            if partial.is_dir() and not checkpoint_is_complete(partial):
+                shutil.rmtree(partial, ignore_errors=True)
+        kept = last_checkpoint(run_dir)
+        resume = f" --resume continues from {kept.name}, the last complete checkpoint." if kept else ""
+        raise UserError(f"Could not write to {run_dir}: {reason}. Free space (or fix the permissions) and run the "
+                        f"same command again.{resume}") from None  # fmt: skip
+
+
+def _storage_problem(exc: BaseException) -> str | None:
+    """'no space left on device' and the like, from an OSError or a safetensors error; None for anything else."""
+    import errno
+
+    codes = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}  # fmt: skip
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in codes:
+            return codes[seen.errno]
+        text = str(seen).lower()
+        if type(seen).__name__ == "SafetensorError" or "safetensor" in type(seen).__module__.lower():
+            if "no space" in text or "storagefull" in text:
+                return "no space left on device"
+            if "permission" in text:
+                return "permission denied"
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -24,7 +24,7 @@ from pathlib import Path
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE
 from rlhf_cli.recipe import EvalSpec, Recipe, RewardSpec, recipe_to_yaml
-from rlhf_cli.rundir import METRICS_FILE, check_run_dir, prepare_run_dir
+from rlhf_cli.rundir import METRICS_FILE, RunDirectory
 from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
 from rlhf_cli.stages.generate import (
     Responses,
@@ -69,18 +69,18 @@ def run_eval(recipe: Recipe, *, output_dir: str | None = None, overwrite: bool =
     if dry_run:
         _show_plan(recipe, run_dir)
         return 0
-    check_run_dir(run_dir, overwrite=overwrite, resumable=False)
-    started = time.time()
-    inputs = load_inputs(recipe)
+    with RunDirectory(run_dir, overwrite=overwrite, resumable=False) as run:
+        started = time.time()
+        inputs = load_inputs(recipe)
 
-    # Every input is good: from here on the run directory is written.
-    prepare_run_dir(run_dir, clear=overwrite)
-    (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    results, rows = evaluate(inputs, recipe)
-    results["meta"]["wall time (s)"] = round(time.time() - started, 1)
-    write_outputs(run_dir, results, rows, inputs, recipe.eval)
-    _print_headline(results, run_dir)
-    return 0
+        # Every input is good: from here on the run directory is written.
+        run.create()
+        (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        results, rows = evaluate(inputs, recipe)
+        results["meta"]["wall time (s)"] = round(time.time() - started, 1)
+        write_outputs(run_dir, results, rows, inputs, recipe.eval)
+        _print_headline(results, run_dir)
+        return 0
 
 
 # ---------------------------------------------------------------- inputs
@@ -187,15 +187,21 @@ def evaluate(inputs: EvalInputs, recipe: Recipe) -> tuple[dict, list[dict]]:
     rows: list[dict] = []
     with progress_bar() as progress:
         if inputs.pairs is not None:
-            chosen, rejected, chosen_len, rejected_len = score_pairs(inputs.reward, inputs.pairs, spec, progress)
+            chosen, rejected, chosen_len, rejected_len, cut = score_pairs(inputs.reward, inputs.pairs, spec, progress)
+            results["meta"]["preference pairs truncated"] = _cut_line(cut, len(inputs.pairs))
             results["reward_model"] = reward_model_metrics(chosen, rejected, chosen_len, rejected_len,
                                                            spec.calibration_buckets)  # fmt: skip
         if inputs.prompts is not None:
             sections, rows = evaluate_policy(inputs, spec, recipe.seed, progress)
             results.update(sections)
         if inputs.demonstrations is not None:
-            results["perplexity"] = perplexities(inputs, spec, progress)
+            results["perplexity"], cut = perplexities(inputs, spec, progress)
+            results["meta"]["demonstrations truncated"] = _cut_line(cut, len(inputs.demonstrations))
     return results, rows
+
+
+def _cut_line(cut: int, rows: int) -> str:
+    return f"{cut} of {rows}, longer than eval.max_length: scored on the prompt's end + the response's start"
 
 
 def _meta(inputs: EvalInputs, recipe: Recipe) -> dict:
@@ -323,39 +329,27 @@ def chat_ids(tokenizer, messages: list, *, generation_prompt: bool = False) -> l
 def pair_ids(tokenizer, row: dict) -> tuple[list[int], list[int], int]:
     """(chosen ids, rejected ids, length of their shared prompt) as the reward model was trained to read them:
     prompt + response through the chat template, or as text with EOS appended (as TRL's RewardTrainer does)."""
-    prompt = row.get("prompt")
-    if isinstance(row["chosen"], list):
-        chosen = chat_ids(tokenizer, (prompt or []) + row["chosen"])
-        rejected = chat_ids(tokenizer, (prompt or []) + row["rejected"])
-        prompt_ids = chat_ids(tokenizer, prompt, generation_prompt=True) if prompt else None
-    else:
-        eos = tokenizer.eos_token or ""
+    from rlhf_cli.lengths import encode_pair
 
-        def with_eos(text: str) -> str:
-            return text if text.endswith(eos) else text + eos
-
-        chosen = tokenizer((prompt or "") + with_eos(row["chosen"]))["input_ids"]
-        rejected = tokenizer((prompt or "") + with_eos(row["rejected"]))["input_ids"]
-        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else None
-    shared = common_prefix(chosen, rejected)
-    if prompt_ids is not None:
-        shared = min(shared, common_prefix(prompt_ids, chosen))
-    return chosen, rejected, shared
+    encoded = encode_pair(tokenizer, row)
+    return encoded.sequences[0], encoded.sequences[1], encoded.boundary
 
 
 def split_for_scoring(ids: list[int], prompt_length: int, max_length: int) -> tuple[list[int], list[int]]:
-    """(query, response) of a sequence cut to its last `max_length` tokens, each part at least one token."""
-    dropped = max(0, len(ids) - max_length)
-    ids = ids[dropped:]
-    cut = min(max(1, prompt_length - dropped), len(ids) - 1) if len(ids) > 1 else 0
-    return ids[:cut] or ids[:1], ids[cut:] or ids[-1:]
+    """(query, response) of a sequence longer than `max_length` cut as training cuts it (rlhf_cli.lengths): the
+    prompt's end and the response's start; each part at least one token."""
+    from rlhf_cli.lengths import scoring_split
+
+    return scoring_split([ids], prompt_length, max_length)[0]
 
 
 def score_pairs(reward: Scorer, pairs, spec: EvalSpec, progress) -> tuple[list[float], list[float], list[int],
-                                                                             list[int]]:  # fmt: skip
-    """Reward-model scores of every chosen and rejected response, and the responses' lengths in tokens."""
+                                                                             list[int], int]:  # fmt: skip
+    """Reward-model scores of every chosen and rejected response, the responses' lengths in tokens, and how many
+    pairs were longer than max_length (cut as RewardTrainer data is: the prompt's end, each response's start)."""
     import torch
 
+    from rlhf_cli.lengths import scoring_split
     from rlhf_cli.ppo.rollout import reward_scores
 
     tokenizer = reward.tokenizer
@@ -365,14 +359,15 @@ def score_pairs(reward: Scorer, pairs, spec: EvalSpec, progress) -> tuple[list[f
     rejected_scores: list[float] = []
     chosen_lengths: list[int] = []
     rejected_lengths: list[int] = []
+    truncated = 0
     for rows in chunks(len(pairs), spec.batch_size):
         queries, answers = [], []
         for i in rows:
             chosen, rejected, shared = pair_ids(tokenizer, pairs[i])
             chosen_lengths.append(len(chosen) - shared)
             rejected_lengths.append(len(rejected) - shared)
-            for ids in (chosen, rejected):
-                query, answer = split_for_scoring(ids, shared, max_length)
+            truncated += max(len(chosen), len(rejected)) > max_length
+            for query, answer in scoring_split([chosen, rejected], shared, max_length):  # one prompt cut for both
                 queries.append(query)
                 answers.append(answer)
         batch = to_batch(queries, answers, tokenizer.pad_token_id, reward.model.device)
@@ -381,7 +376,7 @@ def score_pairs(reward: Scorer, pairs, spec: EvalSpec, progress) -> tuple[list[f
         chosen_scores.extend(values[0::2])
         rejected_scores.extend(values[1::2])
         progress.advance(task, len(rows))
-    return chosen_scores, rejected_scores, chosen_lengths, rejected_lengths
+    return chosen_scores, rejected_scores, chosen_lengths, rejected_lengths, truncated
 
 
 # ---------------------------------------------------------------- perplexity
@@ -407,8 +402,9 @@ def demonstration_ids(tokenizer, row: dict) -> tuple[list[int], int]:
     return ids, common_prefix(tokenizer(prompt)["input_ids"], ids)
 
 
-def perplexities(inputs: EvalInputs, spec: EvalSpec, progress) -> dict[str, float]:
-    """PPL = exp(total NLL / tokens) of every model on the demonstrations' scored tokens (temperature 1)."""
+def perplexities(inputs: EvalInputs, spec: EvalSpec, progress) -> tuple[dict[str, float], int]:
+    """PPL = exp(total NLL / tokens) of every model on the demonstrations' scored tokens (temperature 1), and how
+    many demonstrations were longer than max_length (cut as SFT data is: the prompt's end, the completion's start)."""
     from rlhf_cli.evaluation.metrics import perplexity
 
     tokenizer = inputs.tokenizer
@@ -417,11 +413,13 @@ def perplexities(inputs: EvalInputs, spec: EvalSpec, progress) -> dict[str, floa
         models["reference"] = inputs.reference
     limit = min(positions_limit(model) or spec.max_length for model in models.values())
     queries, answers = [], []
+    max_length, truncated = min(spec.max_length, limit), 0
     for row in inputs.demonstrations:
         ids, prompt_length = demonstration_ids(tokenizer, row)
         if len(ids) < 2:
             continue
-        query, answer = split_for_scoring(ids, prompt_length, min(spec.max_length, limit))
+        truncated += len(ids) > max_length
+        query, answer = split_for_scoring(ids, prompt_length, max_length)
         queries.append(query)
         answers.append(answer)
     if not answers:
@@ -432,7 +430,7 @@ def perplexities(inputs: EvalInputs, spec: EvalSpec, progress) -> dict[str, floa
         sums = sequence_logprobs(model, queries, answers, tokenizer.pad_token_id, spec.batch_size, progress,
                                  f"{label}: perplexity")  # fmt: skip
         result[label] = perplexity(-sum(sums), tokens)
-    return result
+    return result, truncated
 
 
 # ---------------------------------------------------------------- outputs

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE
 from rlhf_cli.recipe import ModelSpec, Recipe, RewardSpec, SamplingSpec, recipe_to_yaml
-from rlhf_cli.rundir import check_run_dir, prepare_run_dir, print_summary, write_summary
+from rlhf_cli.rundir import RunDirectory, print_summary, write_summary
 from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def load_scorer(spec: RewardSpec, what: str, policy_spec: ModelSpec | None, poli
     """Import the rule, or load the reward model and its tokenizer; everything checked here, before any output.
     `what` is the recipe section (messages name `what.function` / `what.model`, or `model_key` when given)."""
     if spec.function:
-        from rlhf_cli.ppo.trainer import load_rule_reward
+        from rlhf_cli.rewards import load_rule_reward
 
         rule = load_rule_reward(spec.function, f"{what}.function")
         return Scorer(name=spec.function, what=f"{what}.function", rule=rule)
@@ -321,55 +321,55 @@ def run_generate(recipe: Recipe, *, output_dir: str | None = None, overwrite: bo
     if dry_run:
         _show_plan(recipe, run_dir)
         return 0
-    check_run_dir(run_dir, overwrite=overwrite, resumable=False)
-    started = time.time()
+    with RunDirectory(run_dir, overwrite=overwrite, resumable=False) as run:
+        started = time.time()
 
-    from rlhf_cli.data import load_data
-    from rlhf_cli.ppo.trainer import encode_prompts
+        from rlhf_cli.data import load_data
+        from rlhf_cli.ppo.trainer import encode_prompts
 
-    quiet_hf_progress_bars()
-    dataset = load_data(spec.prompts, "prompt", what="generate.prompts")
-    conversational = isinstance(dataset[0]["prompt"], list)
-    model, tokenizer = load_causal_lm(recipe.model, recipe.seed, "model", conversational=conversational)
-    scorer = None
-    if spec.reward is not None:
-        scorer = load_scorer(spec.reward, "generate.reward", recipe.model, tokenizer, conversational=conversational)
-    chosen = choose_prompts(len(dataset), spec.num_prompts, recipe.seed)
-    prompts = [dataset[i]["prompt"] for i in chosen for _ in range(spec.num_samples)]
-    queries = encode_prompts({"prompt": prompts}, tokenizer, prompt_budget(model, spec))
+        quiet_hf_progress_bars()
+        dataset = load_data(spec.prompts, "prompt", what="generate.prompts")
+        conversational = isinstance(dataset[0]["prompt"], list)
+        model, tokenizer = load_causal_lm(recipe.model, recipe.seed, "model", conversational=conversational)
+        scorer = None
+        if spec.reward is not None:
+            scorer = load_scorer(spec.reward, "generate.reward", recipe.model, tokenizer, conversational=conversational)
+        chosen = choose_prompts(len(dataset), spec.num_prompts, recipe.seed)
+        prompts = [dataset[i]["prompt"] for i in chosen for _ in range(spec.num_samples)]
+        queries = encode_prompts({"prompt": prompts}, tokenizer, prompt_budget(model, spec))
 
-    # Every input is good: from here on the run directory is written.
-    prepare_run_dir(run_dir, clear=overwrite)
-    (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    with progress_bar() as progress:
-        responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling")
-        scores = None
-        if scorer is not None:
-            scores = score(scorer, prompts, responses, max_prompt_length=spec.max_prompt_length,
-                           batch_size=spec.batch_size, progress=progress, label="scoring")  # fmt: skip
-    with (run_dir / GENERATIONS_FILE).open("w", encoding="utf-8") as handle:
-        for row, prompt in enumerate(prompts):
-            record = {"prompt": prompt, "completion": completion_field(prompt, responses.texts[row]),
-                      "sample": row % spec.num_samples, "num_tokens": len(responses.tokens[row]),
-                      "finished": responses.finished[row]}  # fmt: skip
-            if scores is not None:
-                record["score"] = scores[row]
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # Every input is good: from here on the run directory is written.
+        run.create()
+        (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        with progress_bar() as progress:
+            responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling")
+            scores = None
+            if scorer is not None:
+                scores = score(scorer, prompts, responses, max_prompt_length=spec.max_prompt_length,
+                               batch_size=spec.batch_size, progress=progress, label="scoring")  # fmt: skip
+        with (run_dir / GENERATIONS_FILE).open("w", encoding="utf-8") as handle:
+            for row, prompt in enumerate(prompts):
+                record = {"prompt": prompt, "completion": completion_field(prompt, responses.texts[row]),
+                          "sample": row % spec.num_samples, "num_tokens": len(responses.tokens[row]),
+                          "finished": responses.finished[row]}  # fmt: skip
+                if scores is not None:
+                    record["score"] = scores[row]
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    lengths = [len(tokens) for tokens in responses.tokens]
-    summary = {
-        "stage": "generate",
-        "model": recipe.model.name_or_path,
-        "prompts": len(chosen),
-        "completions": len(prompts),
-        "mean length (tokens)": sum(lengths) / len(lengths),
-        "EOS rate": sum(responses.finished) / len(prompts),
-    }
-    if scores is not None:
-        summary["mean score"] = sum(scores) / len(scores)
-    summary.update({"wall time (s)": round(time.time() - started, 1), "output": str(run_dir / GENERATIONS_FILE)})
-    write_summary(run_dir, summary)
-    print_summary("Generate: done", summary)
+        lengths = [len(tokens) for tokens in responses.tokens]
+        summary = {
+            "stage": "generate",
+            "model": recipe.model.name_or_path,
+            "prompts": len(chosen),
+            "completions": len(prompts),
+            "mean length (tokens)": sum(lengths) / len(lengths),
+            "EOS rate": sum(responses.finished) / len(prompts),
+        }
+        if scores is not None:
+            summary["mean score"] = sum(scores) / len(scores)
+        summary.update({"wall time (s)": round(time.time() - started, 1), "output": str(run_dir / GENERATIONS_FILE)})
+        write_summary(run_dir, summary)
+        print_summary("Generate: done", summary)
     return 0
 
 

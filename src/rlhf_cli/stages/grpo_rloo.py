@@ -14,7 +14,7 @@ from rlhf_cli.stages.common import Stage
 
 def reward_functions(recipe: Recipe) -> dict:
     """The recipe's reward in the form TRL takes: a reward-model path, or the rule wrapped to TRL's signature."""
-    from rlhf_cli.ppo.trainer import load_rule_reward
+    from rlhf_cli.rewards import load_rule_reward
 
     reward = recipe.ppo.reward
     if reward.model:

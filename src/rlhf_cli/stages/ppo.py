@@ -6,15 +6,18 @@ The loop itself lives in `rlhf_cli.ppo.trainer`; this module checks inputs and t
 from __future__ import annotations
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.launch import RESOLVED_RECIPE, Hardware, plan_launch
-from rlhf_cli.recipe import Recipe, recipe_to_yaml
-from rlhf_cli.rundir import check_run_dir, prepare_run_dir
+from rlhf_cli.launch import Hardware, plan_launch
+from rlhf_cli.preflight import check_hardware
+from rlhf_cli.recipe import Recipe
+from rlhf_cli.rundir import RunDirectory
 from rlhf_cli.stages.common import (
+    disk_errors_explained,
     launch_distributed,
     quiet_hf_progress_bars,
     resolve_run_dir,
     run_stage,
     show_launch,
+    write_resolved_recipe,
 )
 
 
@@ -39,7 +42,9 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
         config = PPOConfig(**recipe.training)
     except ValueError as exc:
         raise UserError(f"Recipe training section: {exc}.") from None
-    plan = plan_launch(recipe, "ppo", "PPOConfig", run_dir, Hardware.detect(), resume=resume, cli_argv=cli_argv)
+    hardware = Hardware.detect()
+    check_hardware(recipe, hardware)
+    plan = plan_launch(recipe, "ppo", "PPOConfig", run_dir, hardware, resume=resume, cli_argv=cli_argv)
     if dry_run:
         import yaml
         from rich.console import Console
@@ -50,13 +55,17 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
         console.print(yaml.safe_dump({"ppo": recipe.ppo.model_dump()}, sort_keys=False), markup=False)
         show_launch(plan)
         return 0
-    check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    with RunDirectory(run_dir, overwrite=overwrite, resume=resume) as run:
+        return run.finish(_run_checked_ppo(recipe, plan, run, resume=resume))
 
+
+def _run_checked_ppo(recipe: Recipe, plan, run: RunDirectory, *, resume: bool) -> int:
     quiet_hf_progress_bars()
     prompts = load_ppo_prompts(recipe)
     if plan.distributed:
         from rlhf_cli.models import load_tokenizer, resolve_model_path
-        from rlhf_cli.ppo.trainer import check_companion_tokenizers, load_rule_reward
+        from rlhf_cli.ppo.trainer import check_companion_tokenizers
+        from rlhf_cli.rewards import load_rule_reward
 
         # What can be checked without loading weights is checked here, before any process starts.
         if recipe.ppo.reward.function:
@@ -64,15 +73,18 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
         tokenizer = load_tokenizer(recipe.model, resolve_model_path(recipe.model, recipe.seed),
                                    conversational=isinstance(prompts[0]["prompt"], list))  # fmt: skip
         check_companion_tokenizers(tokenizer, recipe)
-        return launch_distributed(recipe, plan, run_dir, clear=overwrite)
+        from rlhf_cli.lengths import fit_prompts
+
+        fit_prompts(prompts, tokenizer, max_length=recipe.data.max_length, on_too_long=recipe.data.on_too_long)
+        return launch_distributed(recipe, plan, run)
 
     from rlhf_cli.ppo.trainer import PPOTrainer
 
-    trainer = PPOTrainer(recipe, run_dir, prompts, precision=plan.precision)
+    trainer = PPOTrainer(recipe, run.path, prompts, precision=plan.precision)
     # Every input is good: from here on the run directory is written.
-    prepare_run_dir(run_dir, clear=overwrite)
-    (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
-    return trainer.train(resume=resume)
+    write_resolved_recipe(run, recipe)
+    with disk_errors_explained(run.path):
+        return trainer.train(resume=resume)
 
 
 def load_ppo_prompts(recipe: Recipe):
@@ -87,4 +99,5 @@ def run_ppo_worker(recipe: Recipe, run_dir, plan, *, resume: bool) -> int:
 
     quiet_hf_progress_bars()
     trainer = PPOTrainer(recipe, run_dir, load_ppo_prompts(recipe), precision=plan.precision)
-    return trainer.train(resume=resume)
+    with disk_errors_explained(run_dir):
+        return trainer.train(resume=resume)

@@ -1,0 +1,46 @@
+"""Ctrl-C and SIGTERM at any moment: one line and exit code 130, never a traceback or a run that carries on.
+
+`install()` runs first thing in the `rlhf` command. Both signals then raise KeyboardInterrupt in the main thread
+(SIGTERM would otherwise kill the process with 143 and no word), and the last one is remembered: a library that
+swallows the KeyboardInterrupt during start-up cannot make the run carry on, because training checks
+`requested()` before its first step, and the CLI reports any failure after a signal as the interruption it was.
+Once training runs, the stages install their own handlers (checkpoint at the end of the step, then stop).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+_received: list[int] = []
+
+
+def _handler(signum, frame):
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    reset()
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set handlers (e.g. a test runner thread)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _handler)
+
+
+def requested() -> bool:
+    """A Ctrl-C or SIGTERM arrived since the command started."""
+    return bool(_received)
+
+
+def last_signal() -> int | None:
+    return _received[-1] if _received else None
+
+
+def note(signum: int) -> None:
+    """Record a signal caught by another handler (the training loop's)."""
+    _received.append(signum)
+
+
+def reset() -> None:
+    _received.clear()

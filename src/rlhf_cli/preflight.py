@@ -1,0 +1,139 @@
+"""Checks of a recipe against this machine and its installed packages, before anything slow starts.
+
+The schema (recipe.py) knows what a recipe may say; these checks know what this machine can do with it: trackers
+and attention kernels that are installed, the gguf reader, the reward function's import, PPO's batch arithmetic,
+how many processes the machine can run, bf16 support, and an output path that is a file. `rlhf recipe validate`,
+`--dry-run` and every run call them, so a run never fails ten seconds (or ten minutes) in on something knowable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from rlhf_cli.errors import UserError
+from rlhf_cli.recipe import Recipe
+
+# report_to value -> the package it needs
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
+    "comet_ml": "comet_ml", "clearml": "clearml", "dagshub": "dagshub", "dvclive": "dvclive",
+    "neptune": "neptune", "swanlab": "swanlab", "azure_ml": "azureml", "codecarbon": "codecarbon",
+    "flyte": "flytekit", "kubeflow": "kubeflow",
+}  # fmt: skip
+# attn_implementation -> the package it needs (None: built into torch/transformers)
+ATTENTION_PACKAGES = {"eager": None, "sdpa": None, "flex_attention": None, "flash_attention_2": "flash_attn",
+                      "flash_attention_3": "flash_attn_interface"}  # fmt: skip
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def check_recipe(recipe: Recipe, stage: str, source: str) -> None:
+    """Every check that needs no model and no data; raises UserError with the key named."""
+    problems = [
+        *_trackers(recipe.report_to),
+        *_models(recipe),
+        *_training(recipe, stage),
+        *_output(recipe),
+    ]
+    if problems:
+        plural = "s" if len(problems) > 1 else ""
+        raise UserError(f"Recipe {source} has {len(problems)} problem{plural}: " + " ".join(problems))
+
+
+def _trackers(report_to) -> list[str]:
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    problems = []
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        if name not in TRACKER_PACKAGES:
+            problems.append(f"report_to: {name!r} is not a tracker transformers knows; use none or one of "
+                            f"{', '.join(TRACKER_PACKAGES)}.")  # fmt: skip
+        elif not installed(TRACKER_PACKAGES[name]):
+            problems.append(f"report_to: {name!r} needs the {TRACKER_PACKAGES[name]} package, which is not "
+                            f"installed (pip install {TRACKER_PACKAGES[name]}), or set report_to: none.")  # fmt: skip
+    return problems
+
+
+def _models(recipe: Recipe) -> list[str]:
+    problems = []
+    model = recipe.model
+    if model is None:
+        return problems
+    if model.gguf_file and not installed("gguf"):
+        problems.append(f"model.gguf_file: reading {model.gguf_file} needs the gguf package: "
+                        'pip install "rlhf-cli[gguf]".')  # fmt: skip
+    attention = model.attn_implementation
+    if attention is not None:
+        if attention in ATTENTION_PACKAGES:
+            package = ATTENTION_PACKAGES[attention]
+            if package and not installed(package):
+                problems.append(f"model.attn_implementation: {attention} needs the {package} package (and a GPU), "
+                                "which is not installed; use sdpa, or install it.")  # fmt: skip
+        elif "/" not in attention:  # "org/kernel" names a hub kernel, which transformers fetches itself
+            problems.append(f"model.attn_implementation: {attention!r} is not one of "
+                            f"{', '.join(ATTENTION_PACKAGES)}.")  # fmt: skip
+    return problems
+
+
+def _training(recipe: Recipe, stage: str) -> list[str]:
+    problems = []
+    training = recipe.training
+    strategy = training.get("eval_strategy", "no")
+    has_eval = recipe.data is not None and (recipe.data.eval is not None or getattr(recipe.data, "eval_split", None))
+    if stage in ("sft", "rm") and strategy not in ("no", None) and not has_eval:
+        problems.append(f"training.eval_strategy is {strategy!r} but there is no evaluation data: add data.eval "
+                        "(or data.eval_split), or remove eval_strategy.")  # fmt: skip
+    if stage == "ppo" and recipe.ppo is not None:
+        if recipe.ppo.algorithm == "ppo":
+            from rlhf_cli.ppo.config import PPOConfig
+
+            try:
+                PPOConfig(**training)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"training: {str(exc).rstrip('.')}.")
+        from rlhf_cli.rewards import load_rule_reward
+
+        for what, spec in (("ppo.reward", recipe.ppo.reward), ("ppo.judge", recipe.ppo.judge)):
+            if spec is not None and spec.function:
+                try:
+                    load_rule_reward(spec.function, f"{what}.function")
+                except UserError as exc:
+                    problems.append(str(exc))
+    return problems
+
+
+def _output(recipe: Recipe) -> list[str]:
+    if recipe.output_dir and Path(recipe.output_dir).expanduser().is_file():
+        return [f"output_dir: {recipe.output_dir} is a file; the run directory must be a directory."]
+    return []
+
+
+def check_hardware(recipe: Recipe, hardware) -> None:
+    """Processes and precision against this machine (`hardware`: launch.Hardware), in the parent process, before
+    accelerate starts workers that would fail one by one."""
+    dist = recipe.distributed
+    per_machine = -(-(dist.num_processes or 1) // dist.num_machines)
+    if dist.strategy != "none" and dist.num_processes:
+        if hardware.gpus and per_machine > hardware.gpus:
+            raise UserError(
+                f"distributed.num_processes: {dist.num_processes} over {dist.num_machines} machine(s) is "
+                f"{per_machine} per machine, but this machine has {hardware.gpus} GPU(s) visible; use at most "
+                f"{hardware.gpus * dist.num_machines} (one process per GPU), or check CUDA_VISIBLE_DEVICES."
+            )
+        cpus = os.cpu_count() or 1
+        if not hardware.gpus and per_machine > cpus:
+            raise UserError(
+                f"distributed.num_processes: {dist.num_processes} processes on a machine without a GPU, which has "
+                f"{cpus} CPU cores; use at most {cpus}."
+            )
+    wants_bf16 = recipe.training.get("bf16") is True or (recipe.model is not None and recipe.model.dtype == "bfloat16")
+    if hardware.gpus and wants_bf16 and not hardware.bf16_supported:
+        raise UserError(
+            "bf16 was asked for (training.bf16 or model.dtype: bfloat16), but this GPU does not support bfloat16; "
+            "use training.fp16: true and model.dtype: float16, or float32."
+        )
