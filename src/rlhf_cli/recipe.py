@@ -727,8 +727,8 @@ def take_secrets(recipe: Recipe) -> None:
     for key in [key for key in recipe.training if is_secret_key(key)]:
         value = recipe.training.pop(key)
         env = SECRET_ENV.get(key)
-        if env and isinstance(value, str) and value:
-            os.environ.setdefault(env, value)
+        if env and isinstance(value, str) and value and not os.environ.get(env):
+            os.environ[env] = value
 
 
 def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: Path | None = None) -> Recipe:

@@ -1,0 +1,104 @@
+"""Recipes mean what they say: strict types, YAML 1.2 booleans, no duplicate keys, finite numbers, known enum
+values, and every check that needs no model done by `rlhf recipe validate` (and so by every run) up front."""
+
+import pytest
+
+from conftest import TINY, assert_clean_failure
+from test_cli_errors import tiny_recipe
+
+
+def validate(path, *sets):
+    args = ["recipe", "validate", str(path)]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("training.learning_rate=.inf", "training.learning_rate must be a finite number"),
+    ("training.learning_rate=.nan", "must be a finite number"),
+    ("model.trust_remote_code=yes", "model.trust_remote_code"),
+    ('model.trust_remote_code="true"', "model.trust_remote_code"),
+    ("training.bf16=yes", "training.bf16: expected bool"),
+    ("training.save_strategy=never", "'never' is not one of no, steps, epoch, best"),
+    ("training.lr_scheduler_type=cosinus", "Did you mean 'cosine'?"),
+    ("training.optim=adam", "training.optim"),
+    ("report_to=nonsense", "report_to: 'nonsense' is not a tracker"),
+    ("report_to=wandb", "needs the wandb package"),
+    ("model.attn_implementation=flash_attention_2", "needs the flash_attn package"),
+    ("model.attn_implementation=fastest", "is not one of eager, sdpa"),
+    ("training.eval_strategy=steps", "there is no evaluation data"),
+    ("training.wandb_api_key=abc", "is a credential"),
+    ("distributed.strategy=ddp", None),  # fine by itself; with the count below it is too many
+])
+def test_bad_settings_are_refused_by_validate(tmp_path, setting, fragment):
+    path = tiny_recipe(tmp_path)
+    if fragment is None:
+        assert_clean_failure(validate(path, setting, "distributed.num_processes=10000"), "num_processes: 10000")
+        return
+    assert_clean_failure(validate(path, setting), fragment)
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("training.top_p=0", "top_p"),
+    ("training.kl_horizon=0", "kl_horizon"),
+    ("training.mini_batch_size=3", "mini_batch_size must divide rollout_batch_size"),
+    ("ppo.reward.function=no_such_module:reward", "cannot be imported"),
+])
+def test_ppo_settings_are_checked_by_validate(tmp_path, setting, fragment):
+    path = tiny_recipe(tmp_path, "ppo.yaml")
+    sets = [f"model.name_or_path={TINY}", f"ppo.reward.model={TINY}"]
+    if setting.startswith("ppo.reward.function"):
+        sets = [f"model.name_or_path={TINY}", "ppo.reward.model=null"]
+    assert_clean_failure(validate(path, *sets, setting), fragment)
+
+
+def test_no_and_yes_are_strings_where_trl_wants_a_string(tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    path = tiny_recipe(tmp_path, "sft.yaml", **{"  save_steps: 64\n": "  save_steps: 64\n  save_strategy: no\n"})
+    result = CliRunner().invoke(app, ["recipe", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "save_strategy: 'no'" in result.output
+
+
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path):
+    path = tiny_recipe(tmp_path, "sft.yaml", **{"output_dir: runs/tiny-sft\n": "output_dir: runs/tiny-sft\ntraining:\n  learning_rate: 1.0e-4\n"})
+    assert_clean_failure(["recipe", "validate", str(path)], "key 'training' appears twice")
+
+
+def test_an_output_dir_that_is_a_file_is_refused_by_validate(tmp_path):
+    path = tiny_recipe(tmp_path)
+    target = tmp_path / "taken"
+    target.write_text("a file")
+    assert_clean_failure(validate(path, f"output_dir={target}"), "is a file")
+
+
+def test_a_recipe_that_is_not_utf8_is_one_paragraph(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes((TINY / "sft.yaml").read_bytes() + "# caf\xe9\n".encode("latin-1"))
+    assert_clean_failure(["recipe", "validate", str(path)], "is not UTF-8")
+
+
+def test_a_hub_token_is_never_written_to_the_run_directory(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    monkeypatch.setenv("HF_TOKEN", "")  # restored after the test
+    secret = "hf_SECRETsecretSECRET123"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["sft", str(TINY / "sft.yaml"), "-o", str(out), "--set", f"training.hub_token={secret}",
+                                      "--set", "training.max_steps=2", "--set", "training.save_steps=1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert secret not in result.output
+    for file in out.rglob("*"):
+        if file.is_file():
+            assert secret.encode() not in file.read_bytes(), file
+    args = (out / "checkpoint-2" / "training_args.bin").read_bytes()
+    assert secret.encode() not in args
+    import os
+
+    assert os.environ.get("HF_TOKEN") == secret  # handed to the libraries through the environment instead
