@@ -230,13 +230,13 @@ def test_ranked_mappings_best_against_each_other(tmp_path):
     assert (report.format, report.rows_read, report.rows_kept) == ("ranked", 3, 3)
     assert report.dropped == {
         "responses without a rank": 1,
-        "pairs skipped as tied with the best response": 1,
+        "pairs tied with the best response": 1,
         "rankings with fewer than two ranked responses": 1,
     }
     assert report.unused_columns == ["message_id"]
     assert report.summary() == (
         f"data.train ({path}): format ranked (detected); 3 rows read, 3 pairs kept; dropped 1 response without a "
-        "rank, 1 pair skipped as tied with the best response, 1 ranking with fewer than two ranked responses."
+        "rank, 1 pair tied with the best response, 1 ranking with fewer than two ranked responses."
     )
 
 
@@ -261,7 +261,7 @@ def test_ranked_parallel_scores_higher_is_better_with_messages(tmp_path):
         ({"prompt": "p", "responses": [{"text": "a", "rank": "first"}, {"text": "b", "rank": 2}]}, {},
          "row 1: 'responses' response 1 'rank' must be a number, got 'first'"),
         ({"prompt": "p", "completions": ["a", "b"], "ranks": [1]}, {"responses": "completions", "rank_column": "ranks"},
-         "row 1: ranking.rank_column 'ranks' must list one rank per response (2), got 1 values"),
+         "row 1: ranking.rank_column 'ranks' must list one rank per response (2), got 1 value"),
         ({"prompt": "p", "completions": ["a", "b"]}, {"responses": "completions"},
          "row 1: 'completions' response 1 is a plain string; name the list of its ranks with ranking.rank_column"),
         ({"prompt": "p", "responses": "a"}, {}, "row 1: ranking.responses 'responses' must be a list of responses"),

@@ -76,7 +76,7 @@ TIE = "rows labelled a tie"
 SKIPPED_LABEL = "rows with a label listed in winner.skip"
 IDENTICAL = "pairs with identical chosen and rejected"
 FEW_RANKED = "rankings with fewer than two ranked responses"
-TIED_WITH_BEST = "pairs skipped as tied with the best response"
+TIED_WITH_BEST = "pairs tied with the best response"
 UNRANKED = "responses without a rank"
 
 
@@ -538,7 +538,7 @@ def _ranked_responses(row: Row, ranking: RankingSpec) -> list[dict[str, Any]]:
     if ranking.rank_column is not None:
         ranks = _lookup(row, ranking.rank_column, "ranking.rank_column")
         if not isinstance(ranks, list) or len(ranks) != len(responses):
-            got = f"{len(ranks)} values" if isinstance(ranks, list) else _describe(ranks)
+            got = _plural(len(ranks), "value") if isinstance(ranks, list) else _describe(ranks)
             raise _RowError(f"ranking.rank_column {ranking.rank_column!r} must list one rank per response "
                             f"({len(responses)}), got {got}")  # fmt: skip
     out = []
