@@ -27,6 +27,41 @@ app.add_typer(recipe_app, name="recipe")
 data_app = typer.Typer(help="Look at a recipe's data as its trainer will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
+VERSIONED = ("torch", "transformers", "trl", "datasets", "accelerate", "peft", "deepspeed")
+
+
+def version_lines() -> list[str]:
+    """rlhf-cli's version, Python's and the installed libraries', read from package metadata (nothing imported)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"rlhf-cli {installed('rlhf-cli')}", f"python {platform.python_version()}"]
+    return lines + [f"{name} {installed(name)}" for name in VERSIONED]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print("\n".join(version_lines()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_print_version, is_eager=True,
+                     help="Print the versions of rlhf-cli, Python, torch and the Hugging Face libraries, then exit."),
+    ] = None,
+) -> None:
+    pass
+
+
 RecipeArg = Annotated[str, typer.Argument(help="Path to the YAML recipe.", show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]],
