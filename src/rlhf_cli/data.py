@@ -491,20 +491,26 @@ def _show_values(values: list) -> str:
                        for value in values)  # fmt: skip
 
 
-def _pick_winner(row: Row, winner: WinnerSpec) -> Row:
-    """`chosen` and `rejected` from two response columns and a label saying which won; ties and skipped labels
-    raise `_Skip`, any other label is an error."""
+def _winner_labels(winner: WinnerSpec) -> dict[float | str | None, str]:
+    """Each declared label value, normalized, -> "first", "second", "tie" or "skip" (built once per load)."""
+    return {normalize_label(value): outcome for outcome in ("first", "second", "tie", "skip")
+            for value in getattr(winner, outcome)}  # fmt: skip
+
+
+def _pick_winner(row: Row, winner: WinnerSpec, labels: dict[float | str | None, str]) -> Row:
+    """`chosen` and `rejected` from two response columns and a label saying which won (`labels` from
+    `_winner_labels`); ties and skipped labels raise `_Skip`, any other label is an error."""
     label = row.get(winner.column) if winner.column in row else _lookup(row, winner.column, "winner.column")
-    key = normalize_label(label)
     first, second = (_lookup(row, path, "winner.responses") for path in winner.responses)
-    if key in {normalize_label(value) for value in winner.first}:
+    outcome = labels.get(normalize_label(label))
+    if outcome == "first":
         return {"chosen": first, "rejected": second}
-    if key in {normalize_label(value) for value in winner.second}:
+    if outcome == "second":
         return {"chosen": second, "rejected": first}
     shown = "null" if label is None else repr(label)
-    if key in {normalize_label(value) for value in winner.tie}:
+    if outcome == "tie":
         raise _Skip(TIE, f"label {shown} in {winner.column!r} is a tie")
-    if key in {normalize_label(value) for value in winner.skip}:
+    if outcome == "skip":
         raise _Skip(SKIPPED_LABEL, f"label {shown} in {winner.column!r} is listed in winner.skip")
     declared = "; ".join(f"{name} {_show_values(values)}" for name, values in
                          (("first", winner.first), ("second", winner.second), ("tie", winner.tie)) if values)
@@ -572,6 +578,7 @@ class _Plan:
     winner: WinnerSpec | None
     ranking: RankingSpec | None
     hidden: frozenset[str]  # source columns read by the above (and names they replace): not passed on as they are
+    winner_labels: dict[float | str | None, str]  # from `_winner_labels`, empty without a winner
 
     def targets(self) -> list[str]:
         """The names the layout keys make, in a fixed order."""
@@ -607,7 +614,7 @@ def _prepare(row: Row, plan: _Plan) -> Row:
     if plan.template is not None:
         out["prompt"] = _fill_template(plan.template, row)
     if plan.winner is not None:
-        out.update(_pick_winner(row, plan.winner))
+        out.update(_pick_winner(row, plan.winner, plan.winner_labels))
     if plan.ranking is not None:
         out["responses"] = _ranked_responses(row, plan.ranking)
     return out
@@ -835,10 +842,10 @@ def _shape(row: Row) -> dict[str, str]:
 def _print_notices(lines: list[str]) -> None:
     if not lines:
         return
-    from rich.console import Console
+    from rlhf_cli.console import make_console
     from rich.markup import escape
 
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True, soft_wrap=True)
     for line in lines:
         label, _, rest = line.partition(": ")
         color = "yellow" if label == "Warning" else "cyan"
@@ -1000,12 +1007,13 @@ def _make_plan(source: DataSource, kind: Kind, raw_columns: list[str], where: st
 
 
 def _planned(columns: dict[str, str], template: Any, winner: Any, ranking: Any, raw_columns: list[str]) -> _Plan:
-    plan = _Plan(columns, template, winner, ranking, hidden=frozenset())
+    labels = _winner_labels(winner) if winner is not None else {}
+    plan = _Plan(columns, template, winner, ranking, hidden=frozenset(), winner_labels=labels)
     # A source column read by a layout key no longer shows under its own name (as with a rename), so detection
     # sees only what the format will read; a name the layout produces replaces a source column of that name.
     hidden = {_root(path, raw_columns) for name in plan.targets() for path in plan.sources(name)}
     hidden |= set(plan.targets())
-    return _Plan(columns, template, winner, ranking, hidden=frozenset(hidden))
+    return _Plan(columns, template, winner, ranking, hidden=frozenset(hidden), winner_labels=labels)
 
 
 def _visible_columns(raw_columns: list[str], plan: _Plan) -> list[str]:
