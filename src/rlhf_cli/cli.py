@@ -85,11 +85,11 @@ StageOpt = Annotated[
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from rich.console import Console
+    from rlhf_cli.console import make_console
     from rich.markup import escape
 
     # escape: a message quoting data ("columns [text]") must not be read as rich markup and lose the brackets
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
+    make_console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -299,13 +299,15 @@ def recipe_show(
     from rlhf_cli.recipe import describe_keys, recipe_to_yaml
 
     if defaults:
-        from rich.console import Console
+        from rlhf_cli.console import make_console
         from rich.table import Table
 
         table = Table("key", "default", "meaning", title="Recipe keys", title_justify="left")
+        from rich.markup import escape
+
         for key, default, meaning in describe_keys():
-            table.add_row(key, default, meaning)
-        Console().print(table)
+            table.add_row(key, escape(default), escape(meaning))  # "[output_1, output_2]" is text, not markup
+        make_console().print(table)
         return
     if recipe is None:
         raise UserError("Give a recipe file, or --defaults to list every key.")

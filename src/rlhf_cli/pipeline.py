@@ -284,9 +284,9 @@ def run_one(stage: PipelineStage, *, overwrite: bool, resume: bool, dry_run: boo
 
 
 def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only=None, dry_run=False) -> int:
-    from rich.console import Console
+    from rlhf_cli.console import heading, make_console
 
-    console = Console()
+    console = make_console()
     out, stages = load_pipeline(path, overrides, output_dir)
     names = [stage.name for stage in stages]
     for flag, value in (("--from", from_stage), ("--only", only)):
@@ -301,7 +301,7 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
         hashes[stage.name] = stage.hash
     if dry_run:
         for stage in stages:
-            console.rule(f"[bold]stage {stage.name}[/] -> {stage.run_dir}")
+            heading(console, f"[bold]stage {stage.name}[/] -> {stage.run_dir}")
             run_one(stage, overwrite=False, resume=False, dry_run=True)
         return 0
 
@@ -329,7 +329,7 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
 
         resume = (unchanged and recorded.get("status") == "started" and stage.run_dir.is_dir()
                   and last_checkpoint(stage.run_dir) is not None and stage.name != "eval")  # fmt: skip
-        console.rule(f"[bold]stage {stage.name}[/]" + (" (resuming)" if resume else ""))
+        heading(console, f"[bold]stage {stage.name}[/]" + (" (resuming)" if resume else ""))
         state[stage.name] = {"hash": stage.hash, "status": "started"}
         write_state(out, state)
         started = time.time()

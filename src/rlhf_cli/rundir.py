@@ -68,10 +68,10 @@ def mark_checkpoint_complete(path: Path) -> None:
 
 
 def _warn(message: str) -> None:
-    from rich.console import Console
+    from rlhf_cli.console import make_console
     from rich.markup import escape
 
-    Console(stderr=True, soft_wrap=True).print(f"[yellow]Warning:[/] {escape(message)}", highlight=False)
+    make_console(stderr=True, soft_wrap=True).print(f"[yellow]Warning:[/] {escape(message)}", highlight=False)
 
 
 # ---------------------------------------------------------------- the run directory: marker, lock, overwrite
@@ -283,7 +283,7 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 
 def print_summary(title: str, summary: dict) -> None:
-    from rich.console import Console
+    from rlhf_cli.console import make_console
     from rich.table import Table
 
     table = Table(title=title, show_header=False, title_justify="left")
@@ -291,7 +291,7 @@ def print_summary(title: str, summary: dict) -> None:
     table.add_column()
     for key, value in summary.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    console = Console()
+    console = make_console()
     console.print()  # the live progress panel leaves the cursor at its end
     console.print(table)
 

@@ -501,7 +501,7 @@ class PPOTrainer:
     # ------------------------------------------------------------ the loop
 
     def train(self, *, resume: bool) -> int:
-        from rich.console import Console
+        from rlhf_cli.console import make_console
         from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -509,7 +509,7 @@ class PPOTrainer:
         if resume:
             acc.load_state(str(last_checkpoint(self.run_dir, warn=acc.is_main_process)))
         interrupt = interrupt_callback()
-        console = Console()
+        console = make_console()
         main = acc.is_main_process
         # Every process sees the same gathered metrics, so every process reaches the same verdict.
         alarms = AlarmMonitor(AlarmConfig(**self.recipe.ppo.alarms), target_kl=cfg.target_kl)
@@ -534,7 +534,7 @@ class PPOTrainer:
                     if main:
                         message = divergence_message(Divergence(state.step, diverged), last_checkpoint(self.run_dir))
                         progress.stop()
-                        Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}",
+                        make_console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}",
                                                                    highlight=False)  # fmt: skip
                     return DIVERGED_EXIT_CODE
                 if main and cfg.sample_every and state.step % cfg.sample_every == 0:

@@ -16,6 +16,7 @@ from typing import Callable, Literal
 
 import yaml
 
+from rlhf_cli.console import print_yaml
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import DEEPSPEED_CONFIG, RESOLVED_RECIPE, WORKER_INPUT_ERROR, Hardware, LaunchPlan, plan_launch
 from rlhf_cli.recipe import Recipe, recipe_to_yaml
@@ -80,12 +81,11 @@ def trainer_config_kwargs(stage: Stage, recipe: Recipe, run_dir: Path, plan: Lau
 
 
 def show_dry_run(stage: Stage, plan: LaunchPlan, config_kwargs: dict, recipe: Recipe | None = None) -> None:
-    from rich.console import Console
-    from rich.syntax import Syntax
+    from rlhf_cli.console import make_console
 
-    console = Console()
+    console = make_console()
     console.print(f"[bold]{stage.title}[/] — trl.{stage.config_class} (keys set by the recipe and the CLI):")
-    console.print(Syntax(yaml.safe_dump(config_kwargs, sort_keys=True), "yaml"))
+    print_yaml(console, yaml.safe_dump(config_kwargs, sort_keys=True))
     if recipe is not None:  # format, columns, counts and lengths of the data (tokenizer only, no weights)
         from rlhf_cli.inspect_data import dry_run_lines
 
@@ -96,17 +96,16 @@ def show_dry_run(stage: Stage, plan: LaunchPlan, config_kwargs: dict, recipe: Re
 
 def show_launch(plan: LaunchPlan) -> None:
     """The launch part of a dry run: how it would start, with the accelerate and DeepSpeed files."""
-    from rich.console import Console
-    from rich.syntax import Syntax
+    from rlhf_cli.console import make_console
 
-    console = Console()
+    console = make_console()
     if plan.distributed:
         console.print(f"[bold]Launch:[/] accelerate launch, {plan.num_processes} processes")
         console.print("[bold]accelerate_config.yaml:[/]")
-        console.print(Syntax(yaml.safe_dump(plan.accelerate_config, sort_keys=False), "yaml"))
+        print_yaml(console, yaml.safe_dump(plan.accelerate_config, sort_keys=False))
         if plan.deepspeed_config is not None:
             console.print("[bold]deepspeed.json:[/]")
-            console.print(Syntax(yaml.safe_dump(plan.deepspeed_config, sort_keys=False), "yaml"))
+            print_yaml(console, yaml.safe_dump(plan.deepspeed_config, sort_keys=False))
     else:
         console.print("[bold]Launch:[/] in this process")
     console.print("[bold]Command:[/]")
@@ -151,9 +150,9 @@ def run_stage(
                        cli_argv=cli_argv)  # fmt: skip
     config_kwargs = trainer_config_kwargs(stage, recipe, run_dir, plan)
     if plan.precision.get("use_cpu") and (recipe.training.get("bf16") or recipe.training.get("fp16")):
-        from rich.console import Console
+        from rlhf_cli.console import make_console
 
-        Console(stderr=True).print("[yellow]Note:[/] no GPU here, so training runs in float32 (bf16/fp16 ignored).")
+        make_console(stderr=True).print("[yellow]Note:[/] no GPU here, so training runs in float32 (bf16/fp16 ignored).")
     if dry_run:
         show_dry_run(stage, plan, config_kwargs, recipe)
         return 0
@@ -174,7 +173,7 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run: RunDirectory) -> i
     """Write the launch files and run the stage under `accelerate launch`; this process holds the run's lock."""
     import signal
 
-    from rich.console import Console
+    from rlhf_cli.console import make_console
 
     # A new run may still hold a builtin model to build: do it once here, not in every process.
     if recipe.model.is_builtin:
@@ -184,7 +183,7 @@ def launch_distributed(recipe: Recipe, plan: LaunchPlan, run: RunDirectory) -> i
     run_dir = run.path
     write_resolved_recipe(run, recipe)
     plan.write(run_dir)
-    Console(stderr=True).print(f"[bold]Launching[/] {plan.num_processes} process(es): {plan.command_line()}",
+    make_console(stderr=True).print(f"[bold]Launching[/] {plan.num_processes} process(es): {plan.command_line()}",
                                markup=True, highlight=False, soft_wrap=True)  # fmt: skip
     process = subprocess.Popen(plan.command)
     interrupted = False
@@ -342,10 +341,10 @@ def _use_rich_progress(trainer) -> None:
 
 
 def _print_error(message: str) -> None:
-    from rich.console import Console
+    from rlhf_cli.console import make_console
     from rich.markup import escape
 
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
+    make_console(stderr=True, soft_wrap=True).print(f"[bold red]Error:[/] {escape(message)}", highlight=False)
 
 
 @contextmanager

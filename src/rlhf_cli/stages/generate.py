@@ -394,7 +394,7 @@ def sampling_line(spec: SamplingSpec) -> str:
 
 
 def show_plan(title: str, plan: dict) -> None:
-    from rich.console import Console
+    from rlhf_cli.console import make_console
     from rich.table import Table
 
     table = Table(title=title, show_header=False, title_justify="left")
@@ -402,6 +402,6 @@ def show_plan(title: str, plan: dict) -> None:
     table.add_column()
     for key, value in plan.items():
         table.add_row(key, str(value))
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print("[dim]Dry run: nothing was started or written.[/]")

@@ -47,9 +47,9 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
     plan = plan_launch(recipe, "ppo", "PPOConfig", run_dir, hardware, resume=resume, cli_argv=cli_argv)
     if dry_run:
         import yaml
-        from rich.console import Console
+        from rlhf_cli.console import make_console
 
-        console = Console()
+        console = make_console()
         console.print("[bold]PPO[/] — rlhf_cli.ppo.PPOConfig:")
         console.print(yaml.safe_dump(asdict(config), sort_keys=False), markup=False)
         console.print(yaml.safe_dump({"ppo": recipe.ppo.model_dump()}, sort_keys=False), markup=False)
@@ -62,6 +62,10 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
 def _run_checked_ppo(recipe: Recipe, plan, run: RunDirectory, *, resume: bool) -> int:
     quiet_hf_progress_bars()
     prompts = load_ppo_prompts(recipe)
+    if recipe.data.on_too_long != "truncate":  # error (or drop leaving nothing) stops here, before any model loads
+        from rlhf_cli.lengths import check_prompts
+
+        check_prompts(recipe, prompts)
     if plan.distributed:
         from rlhf_cli.models import load_tokenizer, resolve_model_path
         from rlhf_cli.ppo.trainer import check_companion_tokenizers
@@ -73,9 +77,6 @@ def _run_checked_ppo(recipe: Recipe, plan, run: RunDirectory, *, resume: bool) -
         tokenizer = load_tokenizer(recipe.model, resolve_model_path(recipe.model, recipe.seed),
                                    conversational=isinstance(prompts[0]["prompt"], list))  # fmt: skip
         check_companion_tokenizers(tokenizer, recipe)
-        from rlhf_cli.lengths import fit_prompts
-
-        fit_prompts(prompts, tokenizer, max_length=recipe.data.max_length, on_too_long=recipe.data.on_too_long)
         return launch_distributed(recipe, plan, run)
 
     from rlhf_cli.ppo.trainer import PPOTrainer
