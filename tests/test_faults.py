@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, assert_clean_failure
 from rlhf_cli.cli import app
 from test_cli_errors import tiny_recipe
 
@@ -272,3 +272,33 @@ def test_a_signal_during_start_up_exits_130_and_leaves_nothing_half_made(tmp_pat
         resumed = subprocess.run([*RLHF, "sft", str(TINY / "sft.yaml"), "-o", str(out), "--resume",
                                   "--set", "training.num_train_epochs=1"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
         assert resumed.returncode == 0, resumed.stderr
+
+
+# ---------------------------------------------------------------- data files that cannot be read
+
+
+def _rm_recipe_on(tmp_path, data_file: Path) -> Path:
+    path = tiny_recipe(tmp_path, "rm.yaml")
+    text = path.read_text()
+    start = text.index("path: ", text.index("train:")) + len("path: ")
+    end = text.index("\n", start)
+    path.write_text(text[:start] + str(data_file) + text[end:])
+    return path
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("latin1.jsonl", b'{"chosen": "caf\xe9", "rejected": "tea"}\n', "is not UTF-8 text: byte 0xe9"),
+    ("latin1.csv", b"chosen,rejected\ncaf\xe9,tea\n", "is not UTF-8 text"),
+    ("cut.jsonl.gz", None, "the compressed file is truncated or damaged"),
+])  # fmt: skip
+def test_unreadable_data_files_are_one_paragraph_and_leave_nothing(tmp_path, name, content, fragment):
+    import gzip
+
+    data = tmp_path / name
+    if content is None:
+        rows = "".join(json.dumps({"chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n" for i in range(2000))
+        whole = gzip.compress(rows.encode())
+        content = whole[: len(whole) // 2]
+    data.write_bytes(content)
+    out = tmp_path / "out"
+    assert_clean_failure(["train-rm", str(_rm_recipe_on(tmp_path, data)), "-o", str(out)], fragment, out=out)

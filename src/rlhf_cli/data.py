@@ -878,6 +878,8 @@ def _load_local(path: Path, where: str, what: str) -> datasets.Dataset:
     for file in files:
         if file.stat().st_size == 0:
             raise UserError(f"{what} ({file}): the file is empty.")
+        if _builder_for(file) in ("json", "csv"):
+            _check_text_file(file, what)
     (builder,) = builders
 
     kwargs: dict[str, Any] = {}
@@ -900,6 +902,37 @@ def _load_local(path: Path, where: str, what: str) -> datasets.Dataset:
                 if problem:
                     raise UserError(f"{what} ({file}) is not valid JSON or JSON lines: {problem}.") from None
         raise UserError(f"{where}: cannot read it as {builder.upper()} ({_reason(exc)}).") from None
+
+
+def _check_text_file(file: Path, what: str) -> None:
+    """A text file must decode as UTF-8 to its end, and a .gz must be complete: pyarrow would otherwise accept bad
+    bytes and fail on the first row that holds them, and gzip reports a cut-short file as a bare EOFError."""
+    import codecs
+    import zlib
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    opener = gzip.open if file.name.lower().endswith(".gz") else open
+    offset, line = 0, 1
+    try:
+        with opener(file, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    position = offset + exc.start
+                    line += chunk[: exc.start].count(b"\n")
+                    raise UserError(
+                        f"{what} ({file}) is not UTF-8 text: byte 0x{chunk[exc.start]:02x} at offset {position} "
+                        f"(line {line}) cannot be decoded. Convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                    ) from None
+                offset += len(chunk)
+                line += chunk.count(b"\n")
+            decoder.decode(b"", final=True)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise UserError(f"{what} ({file}): the compressed file is truncated or damaged ({exc}); download or "
+                        "compress it again.") from None  # fmt: skip
+    except UnicodeDecodeError:
+        raise UserError(f"{what} ({file}) is not UTF-8 text: it ends in the middle of a character.") from None
 
 
 def _json_problem(file: Path) -> str | None:
