@@ -102,3 +102,39 @@ def test_a_hub_token_is_never_written_to_the_run_directory(tmp_path, monkeypatch
     import os
 
     assert os.environ.get("HF_TOKEN") == secret  # handed to the libraries through the environment instead
+
+
+@pytest.mark.parametrize("missing, sets, fragment", [
+    ("gguf", ["model.gguf_file=model.gguf"], 'pip install "rlhf-cli[gguf]"'),
+    ("deepspeed", ["distributed.strategy=zero3", "distributed.num_processes=2"], 'pip install "rlhf-cli[deepspeed]"'),
+])  # fmt: skip
+def test_a_missing_optional_package_is_named_with_its_install_command(tmp_path, monkeypatch, missing, sets, fragment):
+    import rlhf_cli.preflight as preflight
+
+    real = preflight.installed
+    monkeypatch.setattr(preflight, "installed", lambda package: package != missing and real(package))
+    path = tiny_recipe(tmp_path)
+    out = tmp_path / "out"
+    assert_clean_failure(validate(path, *sets), fragment)
+    assert_clean_failure(["sft", str(path), "--dry-run", *sum((["--set", s] for s in sets), [])], fragment)
+    assert_clean_failure(["sft", str(path), "-o", str(out), *sum((["--set", s] for s in sets), [])], fragment, out=out)
+
+
+def test_processes_and_bf16_are_checked_against_the_machine(tmp_path):
+    from rlhf_cli.errors import UserError
+    from rlhf_cli.launch import Hardware
+    from rlhf_cli.preflight import check_hardware
+    from rlhf_cli.recipe import load_recipe
+
+    path = tiny_recipe(tmp_path)
+    two = load_recipe(path, "sft", ["distributed.strategy=ddp", "distributed.num_processes=2"])
+    check_hardware(two, Hardware(gpus=2, bf16_supported=True))  # fits
+    with pytest.raises(UserError, match="this machine has 1 GPU"):
+        check_hardware(two, Hardware(gpus=1, bf16_supported=True))
+    over_two_machines = load_recipe(path, "sft", ["distributed.strategy=ddp", "distributed.num_processes=4",
+                                                  "distributed.num_machines=2", "distributed.main_process_ip=10.0.0.1"])
+    check_hardware(over_two_machines, Hardware(gpus=2, bf16_supported=True))  # 2 per machine
+    bf16 = load_recipe(path, "sft", ["training.bf16=true"])
+    with pytest.raises(UserError, match="does not support bfloat16"):
+        check_hardware(bf16, Hardware(gpus=1, bf16_supported=False))
+    check_hardware(bf16, Hardware(gpus=0))  # CPU: trains in float32, with a note

@@ -38,6 +38,7 @@ def check_recipe(recipe: Recipe, stage: str, source: str) -> None:
         *_models(recipe),
         *_training(recipe, stage),
         *_output(recipe),
+        *_extras(recipe),
     ]
     if problems:
         plural = "s" if len(problems) > 1 else ""
@@ -105,6 +106,14 @@ def _training(recipe: Recipe, stage: str) -> list[str]:
                 except UserError as exc:
                     problems.append(str(exc))
     return problems
+
+
+def _extras(recipe: Recipe) -> list[str]:
+    strategy = recipe.distributed.strategy
+    if strategy in ("zero2", "zero3") and not installed("deepspeed"):
+        return [f"distributed.strategy: {strategy} runs on DeepSpeed, which is not installed: "
+                'pip install "rlhf-cli[deepspeed]" (or use strategy ddp).']  # fmt: skip
+    return []
 
 
 def _output(recipe: Recipe) -> list[str]:
