@@ -263,8 +263,8 @@ def test_sft_run_counts_truncated_rows(tmp_path):
     assert 0 < summary["rows truncated"] <= 32 and summary["rows dropped"] == 0
 
 
-PPO_FAST = ["--set", "model.name_or_path=builtin:tiny-gpt2", "--set", "ppo.reward={function: 'rules:starts_with_sure'}",
-            "--set", "training.steps=1", "--set", "training.rollout_batch_size=4", "--set",
+PPO_FAST = ["--set", "model.name_or_path=builtin:tiny-gpt2",
+            "--set", "ppo.reward={function: 'rules:starts_with_sure'}", "--set", "training.steps=1", "--set", "training.rollout_batch_size=4", "--set",
             "training.mini_batch_size=4", "--set", "training.response_length=4", "--set", "data.max_length=8"]  # fmt: skip
 
 
