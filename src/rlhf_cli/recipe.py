@@ -647,8 +647,61 @@ def _resolve_path(value: str | None, base_dir: Path, *, must_exist: bool, what: 
     if candidate.exists():
         return str(candidate)
     if must_exist or _looks_like_path(value):
-        raise UserError(f"{what}: {value!r} does not exist (looked for {candidate}).")
+        made_by = _made_by([candidate], base_dir)
+        raise UserError(f"{what}: {value!r} does not exist{' yet' if made_by else ''} (looked for {candidate})"
+                        f"{made_by}.")  # fmt: skip
+    # Not path-like: a hub id, unless a recipe next to this one writes exactly that directory when run from here
+    # (transformers reads such a name relative to the current directory first, so it loads once that has run).
+    from_cwd = (Path.cwd() / Path(value).expanduser()).resolve()
+    made_by = "" if from_cwd.exists() else _made_by([from_cwd], base_dir, here_only=True)
+    if made_by:
+        looked = candidate if candidate == from_cwd else f"{candidate} and {from_cwd}"
+        raise UserError(f"{what}: {value!r} does not exist yet (looked for {looked}){made_by}.")
     return str(value)  # a hub id
+
+
+def _made_by(targets: list[Path], base_dir: Path, *, here_only: bool = False) -> str:
+    """'; it is made by `rlhf sft recipes/tiny/sft.yaml` (output_dir of that recipe)' when a recipe in `base_dir`
+    (a stage recipe by its `output_dir`, a pipeline recipe by `output_dir`/STAGE) writes one of the missing
+    `targets`; "" when none does. `here_only`: only a recipe run from the current directory counts. Called only
+    for a missing path: the sibling *.yaml files are parsed only then."""
+    import os
+
+    cwd = Path.cwd().resolve()
+    try:
+        siblings = sorted(p.resolve() for p in base_dir.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    except OSError:
+        return ""
+    found: list[tuple[bool, str]] = []
+    for sibling in siblings:
+        try:
+            raw = parse_yaml(sibling.read_text(encoding="utf-8"), str(sibling))
+        except (OSError, UnicodeError, UserError):
+            continue
+        if not isinstance(raw, dict) or not isinstance(raw.get("output_dir"), str) or not raw["output_dir"]:
+            continue
+        out = Path(raw["output_dir"]).expanduser()
+        if isinstance(raw.get("stages"), dict):
+            products = [(out / name, "rlhf pipeline", f"stage {name} of that pipeline")
+                        for name in raw["stages"] if isinstance(name, str)]  # fmt: skip
+        elif raw.get("stage") in COMMANDS:
+            products = [(out, COMMANDS[raw["stage"]], "output_dir of that recipe")]
+        else:
+            continue
+        for written, command, role in products:
+            relative = Path(os.path.normpath(written))
+            for target in targets:
+                if written.is_absolute() or ".." in relative.parts or not relative.parts:
+                    run_from = cwd if (cwd / written).resolve() == target else None
+                elif target.parts[-len(relative.parts):] == relative.parts:
+                    run_from = Path(*target.parts[: -len(relative.parts)])  # where a relative output_dir lands here
+                else:
+                    run_from = None
+                if run_from is not None and not (here_only and run_from != cwd):
+                    shown = os.path.relpath(sibling, run_from) if sibling.is_relative_to(run_from) else str(sibling)
+                    prefix = "" if run_from == cwd else f"cd {run_from} && "
+                    found.append((run_from != cwd, f"; it is made by `{prefix}{command} {shown}` ({role})"))
+    return min(found, key=lambda item: item[0])[1] if found else ""  # one run from here first, else the first
 
 
 def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
