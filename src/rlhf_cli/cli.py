@@ -270,18 +270,81 @@ def _load_for_inspection(recipe: str, stage: str | None, overrides):
             "`stage: eval` or `stage: generate` to it, or pass --stage."
         )
     loaded = validate_recipe(raw, chosen, source=recipe, base_dir=Path(recipe).resolve().parent)
+    _check_hardware_for_inspection(loaded)
+    return loaded
+
+
+def _check_hardware_for_inspection(loaded, where: str = "") -> None:
     if loaded.distributed.strategy != "none" or loaded.training.get("bf16") is True:
         from rlhf_cli.launch import Hardware
         from rlhf_cli.preflight import check_hardware
 
-        check_hardware(loaded, Hardware.detect())  # imports torch, only when the recipe asks for more than a CPU
-    return loaded
+        # imports torch, only when the recipe asks for more than one CPU process
+        try:
+            note = check_hardware(loaded, Hardware.detect(), planning=True)
+        except UserError as exc:
+            raise UserError(f"{where}{exc}") from None
+        if note:
+            typer.echo(f"Note: {where}{note}", err=True)
+
+
+def _pipeline_for_inspection(recipe: str, stage: str | None, overrides):
+    """For a pipeline recipe (one with `stages:`, or --stage pipeline): (output directory, stages), every stage
+    recipe built and checked by the pipeline's own code, as `rlhf pipeline` does before it runs anything; a stage
+    name as --stage keeps that stage only. None for a single-stage recipe."""
+    from rlhf_cli.pipeline import STAGE_ORDER, validate_pipeline
+    from rlhf_cli.recipe import read_recipe_file
+
+    if stage != "pipeline" and "stages" not in read_recipe_file(recipe):
+        return None
+    if stage not in (None, "pipeline", *STAGE_ORDER):
+        raise UserError(f"{recipe} is a pipeline recipe (it has `stages:`); --stage takes pipeline or one of its "
+                        f"stages ({', '.join(STAGE_ORDER)}), not {stage}.")  # fmt: skip
+    out, stages = validate_pipeline(recipe, overrides or [])
+    for one in stages:
+        _check_hardware_for_inspection(one.recipe, where=f"Stage {one.name}: ")
+    if stage in STAGE_ORDER:
+        stages = [one for one in stages if one.name == stage]
+        if not stages:
+            raise UserError(f"{recipe}: this pipeline has no stage {stage}.")
+    return out, stages
+
+
+RecipeStageOpt = Annotated[
+    Optional[str],
+    typer.Option("--stage", help="sft, rm, ppo, eval, generate or pipeline; default: the recipe's own `stage:` key "
+                 "(a recipe with `stages:` is a pipeline). On a pipeline recipe a stage name keeps that stage."),
+]
+PipelineOutputOpt = Annotated[
+    Optional[str], typer.Option("--output-dir", "-o", help="Run directory; overrides the recipe's output_dir "
+                                "(a pipeline's stage outputs go under it, as with `rlhf pipeline -o`).")
+]
 
 
 @recipe_app.command("validate")
 @user_errors
-def recipe_validate(recipe: RecipeArg, stage: StageOpt = None, overrides: SetOpt = None) -> None:
-    """Check a recipe: keys, types, TRL training fields, paths. Loads no model and no data."""
+def recipe_validate(recipe: RecipeArg, stage: RecipeStageOpt = None, overrides: SetOpt = None,
+                    output_dir: PipelineOutputOpt = None) -> None:  # fmt: skip
+    """Check a recipe: keys, types, TRL training fields, paths. Loads no model and no data.
+
+    A pipeline recipe: every stage is built, validated and its hand-offs checked as `rlhf pipeline` does first;
+    one OK line per stage.
+    """
+    if output_dir is not None:
+        overrides = [*(overrides or []), f"output_dir={output_dir}"]
+    pipeline = _pipeline_for_inspection(recipe, stage, overrides)
+    if pipeline is not None:
+        from rlhf_cli.pipeline import reads_from
+        from rlhf_cli.recipe import COMMANDS
+
+        out, stages = pipeline
+        for one in stages:
+            reads = [f"{key.removesuffix('.name_or_path')} from stage {source}"
+                     for key, source in reads_from(one, out).items()]  # fmt: skip
+            if one.recipe.model is not None and not any(item.startswith("model from") for item in reads):
+                reads.insert(0, f"model {one.recipe.model.name_or_path}")
+            typer.echo(f"{recipe}: stage {one.name} OK ({COMMANDS[one.name]}; {', '.join(reads)}) -> {one.run_dir}")
+        return
     loaded = _load_for_inspection(recipe, stage, overrides)
     model = f"model {loaded.model.name_or_path}" if loaded.model else "no policy model"
     typer.echo(f"{recipe}: OK ({loaded.stage or stage} recipe, {model})")
@@ -291,11 +354,16 @@ def recipe_validate(recipe: RecipeArg, stage: StageOpt = None, overrides: SetOpt
 @user_errors
 def recipe_show(
     recipe: Annotated[Optional[str], typer.Argument(help="Path to the YAML recipe.", show_default=False)] = None,
-    stage: StageOpt = None,
+    stage: RecipeStageOpt = None,
     overrides: SetOpt = None,
+    output_dir: PipelineOutputOpt = None,
     defaults: Annotated[bool, typer.Option("--defaults", help="List every recipe key with its default and help.")] = False,
 ) -> None:
-    """Print the fully resolved recipe (defaults filled in, paths absolute), or with --defaults every key."""
+    """Print the fully resolved recipe (defaults filled in, paths absolute), or with --defaults every key.
+
+    A pipeline recipe: each stage's resolved recipe as the pipeline builds it, one YAML document per stage, each
+    headed by a comment line naming the stage.
+    """
     from rlhf_cli.recipe import describe_keys, recipe_to_yaml
 
     if defaults:
@@ -311,6 +379,16 @@ def recipe_show(
         return
     if recipe is None:
         raise UserError("Give a recipe file, or --defaults to list every key.")
+    if output_dir is not None:
+        overrides = [*(overrides or []), f"output_dir={output_dir}"]
+    pipeline = _pipeline_for_inspection(recipe, stage, overrides)
+    if pipeline is not None:
+        from rlhf_cli.recipe import COMMANDS
+
+        documents = [f"# stage {one.name} ({COMMANDS[one.name]}) -> {one.run_dir}\n{recipe_to_yaml(one.recipe)}"
+                     for one in pipeline[1]]  # fmt: skip
+        typer.echo("---\n".join(documents), nl=False)
+        return
     typer.echo(recipe_to_yaml(_load_for_inspection(recipe, stage, overrides)), nl=False)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.recipe import Recipe, apply_overrides, read_recipe_file, recipe_to_yaml, validate_recipe
+from rlhf_cli.recipe import COMMANDS, Recipe, apply_overrides, read_recipe_file, recipe_to_yaml, validate_recipe
 
 STAGE_ORDER = ("sft", "rm", "ppo", "eval")
 SHARED_KEYS = ("model", "distributed", "seed", "report_to")
@@ -106,6 +106,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_d
     """Read a pipeline recipe and return (pipeline directory, stages in order), every stage recipe validated."""
     path = Path(path)
     raw = apply_overrides(read_recipe_file(path), overrides or [])
+    if "stages" not in raw:
+        single = f" It is a recipe for `{COMMANDS[raw['stage']]}`." if raw.get("stage") in COMMANDS else ""
+        raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with sections for sft, rm, ppo and "
+                        f"eval.{single}")  # fmt: skip
     unknown = sorted(set(raw) - {*SHARED_KEYS, "stages", "output_dir"})
     if unknown:
         raise UserError(
@@ -168,12 +172,8 @@ def check_lora_handoffs(stages: list[PipelineStage]) -> None:
 def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
     """Every model a stage reads that already exists (a link overridden by a path) must read the same token ids,
     with the same special tokens and chat template, as the pipeline's own starting tokenizer."""
-    from transformers import AutoTokenizer
-
-    from rlhf_cli.models import TOKENIZER_FACTS, load_tokenizer, resolve_model_path, tokenizer_mismatch
-
     first = stages[0].recipe
-    base = load_tokenizer(first.model, resolve_model_path(first.model, first.seed), conversational=True)
+    base = None  # loaded only when some stage reads a model that already exists
     produced = {str(stage.run_dir) for stage in stages}
     for stage in stages:
         links = [("model.name_or_path", stage.recipe.model.name_or_path)]
@@ -186,6 +186,12 @@ def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
         for key, path in links:
             if not path or path in produced or path == first.model.name_or_path or not Path(path).is_dir():
                 continue  # produced by an earlier stage from the same start, or the start itself
+            from transformers import AutoTokenizer
+
+            from rlhf_cli.models import TOKENIZER_FACTS, load_tokenizer, resolve_model_path, tokenizer_mismatch
+
+            if base is None:
+                base = load_tokenizer(first.model, resolve_model_path(first.model, first.seed), conversational=True)
             try:
                 other = AutoTokenizer.from_pretrained(path)
             except (OSError, ValueError) as exc:
@@ -220,6 +226,36 @@ def check_ppo_settings(stages: list[PipelineStage]) -> None:
             f"Stage ppo: data.max_length + training.response_length = {longest} exceeds the model's {positions} "
             "positions; shorten one of them."
         )
+
+
+def check_stages(stages: list[PipelineStage]) -> None:
+    """The checks across stages that need more than the recipes' schema: PPO's settings and the tokenizers of the
+    models the stages read."""
+    check_ppo_settings(stages)
+    check_tokenizer_handoffs(stages)
+
+
+def validate_pipeline(path, overrides=None, output_dir=None) -> tuple[Path, list[PipelineStage]]:
+    """Every stage recipe built, validated and its hand-offs checked, as `rlhf pipeline` does before it runs
+    anything (also `rlhf recipe validate` and `rlhf recipe show` of a pipeline recipe)."""
+    out, stages = load_pipeline(path, overrides, output_dir)
+    check_stages(stages)
+    return out, stages
+
+
+def reads_from(stage: PipelineStage, out: Path) -> dict[str, str]:
+    """{recipe key: stage} for each model path of `stage` that is the output of a stage of the pipeline in `out`."""
+    produced = {str(out / name): name for name in STAGE_ORDER}
+    recipe = stage.recipe
+    keys = {"model.name_or_path": recipe.model.name_or_path if recipe.model else None}
+    if recipe.ppo is not None:
+        keys.update({"ppo.reward.model": recipe.ppo.reward.model, "ppo.value_model": recipe.ppo.value_model,
+                     "ppo.ref_model": recipe.ppo.ref_model})  # fmt: skip
+    evaluation = getattr(recipe, "eval", None)
+    if evaluation is not None:
+        keys.update({"eval.reference": evaluation.reference, "eval.reward_model": evaluation.reward_model,
+                     "eval.ppo_run": evaluation.ppo_run})  # fmt: skip
+    return {key: produced[value] for key, value in keys.items() if value in produced}
 
 
 # ---------------------------------------------------------------- hashing and state
@@ -292,8 +328,7 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
     for flag, value in (("--from", from_stage), ("--only", only)):
         if value is not None and value not in names:
             raise UserError(f"{flag} {value}: this pipeline's stages are {', '.join(names)}.")
-    check_ppo_settings(stages)
-    check_tokenizer_handoffs(stages)
+    check_stages(stages)
 
     hashes: dict[str, str] = {}
     for stage in stages:
@@ -349,25 +384,37 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
 # ---------------------------------------------------------------- the summary
 
 
+def _number(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _win(win: dict) -> str:
+    return f"{_number(win.get('win_rate'))} [{_number(win.get('ci_low'))}, {_number(win.get('ci_high'))}]"
+
+
+def _eval_results(stage: PipelineStage) -> dict | None:
+    path = stage.run_dir / "eval.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _headline(stage: PipelineStage) -> str:
-    """The stage's key numbers from its summary.json / eval.json."""
-
-    def number(value):
-        return f"{value:.3g}" if isinstance(value, (int, float)) else str(value)
-
+    """The stage's key numbers from its summary.json / eval.json. For eval: the policy's win rate over the
+    reference under the reward model (the proxy PPO optimised) and, when the eval has a judge, under the judge,
+    side by side (a proxy gain the judge does not share is reward hacking), then the KL."""
     if stage.name == "eval":
-        path = stage.run_dir / "eval.json"
-        if not path.is_file():
+        results = _eval_results(stage)
+        if results is None:
             return ""
-        policy = json.loads(path.read_text()).get("policy", {})
-        win = policy.get("win_rate", {})
-        parts = []
-        if win:
-            parts.append(f"win-rate vs SFT {number(win.get('win_rate'))} "
-                         f"[{number(win.get('ci_low'))}, {number(win.get('ci_high'))}]")  # fmt: skip
+        policy, judge = results.get("policy") or {}, results.get("judge") or {}
+        wins = []
+        if policy.get("win_rate"):
+            wins.append(f"proxy (reward model) {_win(policy['win_rate'])}")
+        if judge.get("win_rate"):
+            wins.append(f"judge {_win(judge['win_rate'])}")
+        parts = [f"win-rate vs reference: {', '.join(wins)}"] if wins else []
         if "kl" in policy:
-            parts.append(f"KL {number(policy['kl'].get('kl'))}")
-        return ", ".join(parts)
+            parts.append(f"KL {_number(policy['kl'].get('kl'))}")
+        return "; ".join(parts)
     path = stage.run_dir / "summary.json"
     if not path.is_file():
         return ""
@@ -375,10 +422,30 @@ def _headline(stage: PipelineStage) -> str:
     keys = {"sft": ("final loss", "eval_loss"), "rm": ("final accuracy", "eval_accuracy"),
             "ppo": ("score (first steps)", "score (last steps)", "kl (last steps)",
                     "reward (first steps)", "reward (last steps)")}[stage.name]  # fmt: skip
-    return ", ".join(f"{key} {number(summary[key])}" for key in keys if key in summary)
+    return ", ".join(f"{key} {_number(summary[key])}" for key in keys if key in summary)
+
+
+def eval_headline(stage: PipelineStage) -> str:
+    """The line after the table: the headline, what judged it, and whether the judge confirms the proxy's gain."""
+    results = _eval_results(stage)
+    if results is None:
+        return ""
+    line = _headline(stage)
+    proxy, judge = (results.get("policy") or {}).get("win_rate"), results.get("judge") or {}
+    if judge.get("win_rate"):
+        line += f" (judge: {judge.get('name') or 'eval.judge'}"
+        if judge.get("proxy_correlation") is not None:
+            line += f"; proxy vs judge Pearson r {_number(judge['proxy_correlation'])}"
+        line += ")"
+        low, judged = (proxy or {}).get("ci_low"), judge["win_rate"].get("win_rate")
+        if isinstance(low, (int, float)) and low > 0.5 and isinstance(judged, (int, float)) and judged <= 0.5:
+            line += (". The proxy win rate is above 0.5 (its whole 95% interval) but the judge's is not: the policy "
+                     "learnt what the reward model pays for, not what the judge measures (reward hacking)")  # fmt: skip
+    return line
 
 
 def print_pipeline_summary(out: Path, stages: list[PipelineStage], state: dict, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Pipeline: {out}", title_justify="left")
@@ -388,11 +455,12 @@ def print_pipeline_summary(out: Path, stages: list[PipelineStage], state: dict, 
     for stage in stages:
         seconds = stage.seconds or state.get(stage.name, {}).get("seconds", 0.0)
         headline = _headline(stage)
-        table.add_row(stage.name, stage.status, f"{seconds:.1f}", headline, str(stage.run_dir))
+        table.add_row(stage.name, stage.status, f"{seconds:.1f}", escape(headline), str(stage.run_dir))
         rows.append({"stage": stage.name, "this run": stage.status, "wall time (s)": round(seconds, 1),
                      "key metrics": headline, "output": str(stage.run_dir)})  # fmt: skip
     console.print(table)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     evaluation = next((stage for stage in stages if stage.name == "eval"), None)
     if evaluation is not None and (evaluation.run_dir / "eval.json").is_file():
-        console.print(f"[bold]Eval headline:[/] {_headline(evaluation)}; report in {evaluation.run_dir / 'report.md'}")
+        console.print(f"[bold]Eval headline:[/] {escape(eval_headline(evaluation))}. Report: "
+                      f"{evaluation.run_dir / 'report.md'}")  # fmt: skip
