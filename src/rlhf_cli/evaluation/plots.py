@@ -122,26 +122,47 @@ def training_curves(records: list[dict], path) -> Path:
     return _save(figure, path)
 
 
-def overoptimisation(records: list[dict], path) -> Path:
-    """Proxy (reward-model) score against KL from the reference, and the judge score against KL when logged.
+def _points_vs_kl(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(kl, value) of the records that carry finite numbers for both `kl` and `key`."""
+    kls, values = [], []
+    for record in records:
+        kl, value = finite_or_none(record.get("kl")), finite_or_none(record.get(key))
+        if kl is not None and value is not None:
+            kls.append(kl)
+            values.append(value)
+    return kls, values
 
-    Gao et al. 2022: as KL grows the proxy score keeps rising while a gold/judge score peaks and falls; the peak
-    marks where more optimisation stops helping. Points are joined in record (step) order.
+
+def overoptimisation_figure(records: list[dict]):
+    """The figure of `overoptimisation`, not yet saved: one axes, one scatter per score (one point per logged step
+    at the KL logged with it), the legend saying which score and how many steps.
+
+    The proxy is the reward-model score PPO optimised (`score`; GRPO/RLOO's `reward`); the judge score
+    (`judge_score`, logged when the PPO recipe sets `ppo.judge`) is drawn on the same axes when at least one step
+    logged it. Gao et al. 2022: as KL grows the proxy keeps rising while a gold/judge score peaks and falls.
     """
-    panels = [("score", "proxy (reward-model) score", POLICY_COLOR)]
-    if _series(records, "judge_score")[1]:
-        panels.append(("judge_score", "judge score", JUDGE_COLOR))
-    figure, axes_list = _figure(ncols=len(panels), width_per_plot=5.0, suptitle="Overoptimisation")
-    for axes, (key, title, color) in zip(axes_list, panels):
-        kls, values = [], []
-        for record in records:
-            kl, value = finite_or_none(record.get("kl")), finite_or_none(record.get(key))
-            if kl is not None and value is not None:
-                kls.append(kl)
-                values.append(value)
-        axes.plot(kls, values, marker="o", markersize=3, color=color)
-        axes.set_xlabel("KL(policy || reference)")
-        axes.set_ylabel(key)
-        axes.set_title(f"{title} vs KL")
-        axes.grid(alpha=0.3)
-    return _save(figure, path)
+    proxy = _points_vs_kl(records, "score")
+    judge = _points_vs_kl(records, "judge_score")
+    figure, (axes,) = _figure(width_per_plot=6.5)
+    series = [(proxy, "proxy: reward-model score", POLICY_COLOR, "o")]
+    if judge[0]:
+        series.append((judge, "judge score", JUDGE_COLOR, "^"))
+    for (kls, values), label, color, marker in series:
+        if kls:
+            axes.scatter(kls, values, s=18, alpha=0.75, color=color, marker=marker,
+                         label=f"{label} ({len(kls)} steps)")  # fmt: skip
+    if proxy[0] or judge[0]:
+        axes.legend(title="one point per PPO step")
+    else:
+        axes.text(0.5, 0.5, "no step logged both kl and score", transform=axes.transAxes, ha="center", va="center")
+    axes.set_xlabel("KL(policy || reference) at the step")
+    axes.set_ylabel("mean score of the step's rollouts")
+    axes.set_title("Proxy and judge score vs KL" if judge[0] else "Proxy score vs KL (no judge_score logged)")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def overoptimisation(records: list[dict], path) -> Path:
+    """Scatter of the proxy (reward-model) score against KL from the reference, one point per logged PPO step, with
+    the judge score on the same axes when the run logged `judge_score` (see `overoptimisation_figure`)."""
+    return _save(overoptimisation_figure(records), path)

@@ -55,7 +55,8 @@ FIGURES = {
     "reward_distribution.png": "Reward-model scores of policy and reference responses",
     "reward_vs_length.png": "Reward against response length",
     "training_curves.png": "PPO training curves",
-    "overoptimisation.png": "Proxy (and judge) score against KL from the reference",
+    "overoptimisation.png": "Proxy (reward-model) score against KL from the reference, one point per PPO step, "
+    "with the judge score when the PPO run logged one",
 }
 
 
