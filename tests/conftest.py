@@ -27,6 +27,16 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _library_loggers_on_the_session_stderr():
+    """transformers creates its log handler on first use with the sys.stderr of that moment; inside a CliRunner
+    call that stream is closed afterwards, and later in-process runs print 'Logging error' tracebacks. Create the
+    handlers once, on the session's stream."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.get_logger("transformers")
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Builtin models are cached per test session, not in the user's home."""
     if "RLHF_CLI_CACHE" not in os.environ:

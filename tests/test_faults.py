@@ -66,7 +66,7 @@ def test_a_nan_loss_stops_with_exit_3_and_keeps_the_last_finite_checkpoint(tmp_p
     assert result.exit_code == 3, result.output
     flat = " ".join(result.output.split())
     assert "diverged at step 4" in flat and "checkpoint-2" in flat and "learning_rate" in flat
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output, result.output
     # No final model and no checkpoint of the poisoned weights; checkpoint-2 is the one to resume from.
     assert not (out / "model.safetensors").exists()
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
@@ -302,3 +302,22 @@ def test_unreadable_data_files_are_one_paragraph_and_leave_nothing(tmp_path, nam
     data.write_bytes(content)
     out = tmp_path / "out"
     assert_clean_failure(["train-rm", str(_rm_recipe_on(tmp_path, data)), "-o", str(out)], fragment, out=out)
+
+
+def test_an_optional_loss_spike_rule_stops_the_run(tmp_path, monkeypatch):
+    import trl
+
+    original = trl.RewardTrainer.compute_loss
+
+    def compute_loss(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        factor = 1000.0 if self.state.global_step + 1 >= 5 else 1.0  # a finite blow-up from step 5 on
+        return (result[0] * factor, *result[1:]) if isinstance(result, tuple) else result * factor
+
+    monkeypatch.setattr(trl.RewardTrainer, "compute_loss", compute_loss)
+    out = tmp_path / "out"
+    result = invoke("train-rm", str(TINY / "rm.yaml"), "-o", str(out), *FAST, "--set", "divergence.loss_spike=10")
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 3, flat
+    assert "diverged at step 5" in flat and "times the median" in flat
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]

@@ -138,3 +138,9 @@ def test_processes_and_bf16_are_checked_against_the_machine(tmp_path):
     with pytest.raises(UserError, match="does not support bfloat16"):
         check_hardware(bf16, Hardware(gpus=1, bf16_supported=False))
     check_hardware(bf16, Hardware(gpus=0))  # CPU: trains in float32, with a note
+    # A GPU recipe (8 processes, bf16) validated on a laptop: a note when planning, refused when running.
+    gpu_recipe = load_recipe(path, "sft", ["distributed.strategy=ddp", "distributed.num_processes=8",
+                                           "model.dtype=bfloat16"])  # fmt: skip
+    assert "not checked against this machine" in check_hardware(gpu_recipe, Hardware(gpus=0), planning=True)
+    with pytest.raises(UserError, match="no GPU"):
+        check_hardware(gpu_recipe, Hardware(gpus=0))

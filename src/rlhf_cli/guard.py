@@ -43,25 +43,48 @@ def divergence_message(divergence: Divergence, checkpoint: Path | None, *, lr_ke
     )
 
 
-def install_trainer_guard(trainer) -> dict:
+def is_spike(loss: float, previous: list[float], factor: float | None) -> bool:
+    """True when `loss` > factor * median(previous) (a positive median; at least 3 previous losses).
+
+    >>> is_spike(50.0, [2.0, 3.0, 4.0], 10.0), is_spike(20.0, [2.0, 3.0, 4.0], 10.0)
+    (True, False)
+    """
+    if factor is None or len(previous) < 3:
+        return False
+    ordered = sorted(previous)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return median > 0 and loss > factor * median
+
+
+def install_trainer_guard(trainer, *, loss_spike: float | None = None, spike_window: int = 10) -> dict:
     """Make a transformers Trainer stop at the first non-finite loss or gradient norm, before it logs or saves.
 
     The Trainer sums the loss on the device between logging steps; with `logging_nan_inf_filter` off (set by the
     stage) a NaN stays in that sum, so checking it at every log, evaluation and save boundary sees every step's
     loss without a host sync per step. The gradient norm of the step is checked at the same moments; a NaN norm
-    in between makes the following losses NaN. Returns a dict that holds "divergence" once it fired.
+    in between makes the following losses NaN. With `loss_spike`, a logged loss that far above the median of the
+    last `spike_window` logged losses stops the run too. Returns a dict that holds "divergence" once it fired.
     """
     import torch
 
     state: dict = {}
+    logged: list[float] = []
     original = trainer._maybe_log_save_evaluate
 
     def guarded(tr_loss, grad_norm, *args, **kwargs):
         control = trainer.control
         if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
             norm = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
-            values = {"loss": tr_loss.detach().float().sum().item(), "grad_norm": norm}
+            loss_sum = tr_loss.detach().float().sum().item()
+            values = {"loss": loss_sum, "grad_norm": norm}
             what = non_finite(values)
+            steps = trainer.state.global_step - trainer._globalstep_last_logged
+            if what is None and control.should_log and steps > 0:
+                loss = loss_sum / steps  # this process's mean since the last log, as the Trainer logs it
+                if is_spike(loss, logged[-spike_window:], loss_spike):
+                    what = f"loss {loss:.4g} is over {loss_spike:g} times the median of the last logged losses"
+                logged.append(loss)
             flag = torch.tensor([int(what is not None)], device=tr_loss.device)
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every rank stops together

@@ -122,27 +122,51 @@ def _output(recipe: Recipe) -> list[str]:
     return []
 
 
-def check_hardware(recipe: Recipe, hardware) -> None:
-    """Processes and precision against this machine (`hardware`: launch.Hardware), in the parent process, before
-    accelerate starts workers that would fail one by one."""
+def hardware_problems(recipe: Recipe, hardware) -> list[str]:
+    """Processes and precision against this machine (`hardware`: launch.Hardware), one sentence each."""
+    problems = []
     dist = recipe.distributed
     per_machine = -(-(dist.num_processes or 1) // dist.num_machines)
     if dist.strategy != "none" and dist.num_processes:
+        cpus = os.cpu_count() or 1
         if hardware.gpus and per_machine > hardware.gpus:
-            raise UserError(
+            problems.append(
                 f"distributed.num_processes: {dist.num_processes} over {dist.num_machines} machine(s) is "
                 f"{per_machine} per machine, but this machine has {hardware.gpus} GPU(s) visible; use at most "
                 f"{hardware.gpus * dist.num_machines} (one process per GPU), or check CUDA_VISIBLE_DEVICES."
             )
-        cpus = os.cpu_count() or 1
-        if not hardware.gpus and per_machine > cpus:
-            raise UserError(
-                f"distributed.num_processes: {dist.num_processes} processes on a machine without a GPU, which has "
-                f"{cpus} CPU cores; use at most {cpus}."
+        elif not hardware.gpus and per_machine > cpus:
+            problems.append(
+                f"distributed.num_processes: {dist.num_processes} processes over {dist.num_machines} machine(s) "
+                f"need {per_machine} on this machine, which has no GPU and {cpus} CPU cores; use at most {cpus}."
             )
-    wants_bf16 = recipe.training.get("bf16") is True or (recipe.model is not None and recipe.model.dtype == "bfloat16")
-    if hardware.gpus and wants_bf16 and not hardware.bf16_supported:
-        raise UserError(
+    if hardware.gpus and wants_half_precision(recipe) == "bf16" and not hardware.bf16_supported:
+        problems.append(
             "bf16 was asked for (training.bf16 or model.dtype: bfloat16), but this GPU does not support bfloat16; "
             "use training.fp16: true and model.dtype: float16, or float32."
         )
+    return problems
+
+
+def wants_half_precision(recipe: Recipe) -> str | None:
+    """"bf16" / "fp16" when the recipe asks for half precision (a GPU recipe), else None."""
+    dtype = recipe.model.dtype if recipe.model is not None else "auto"
+    if recipe.training.get("bf16") is True or dtype == "bfloat16":
+        return "bf16"
+    if recipe.training.get("fp16") is True or dtype == "float16":
+        return "fp16"
+    return None
+
+
+def check_hardware(recipe: Recipe, hardware, *, planning: bool = False) -> str | None:
+    """Raise a UserError when this machine cannot run the recipe, in the parent process before accelerate starts
+    workers that would fail one by one. When only planning (recipe validate, --dry-run) a GPU recipe on a machine
+    without a GPU is not refused, since it is likely meant for another machine: the problem comes back as a note."""
+    problems = hardware_problems(recipe, hardware)
+    if not problems:
+        return None
+    if planning and not hardware.gpus and wants_half_precision(recipe):
+        return ("not checked against this machine, which has no GPU: " + " ".join(problems)).replace("..", ".")
+    plural = "s" if len(problems) > 1 else ""
+    raise UserError(f"This machine cannot run the recipe as it is ({len(problems)} problem{plural}): "
+                    + " ".join(problems))  # fmt: skip

@@ -414,6 +414,17 @@ COMMANDS = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo", "eval":
             "generate": "rlhf generate"}  # fmt: skip
 
 
+class DivergenceSpec(_Strict):
+    """The divergence guard of sft and train-rm. A NaN or infinite loss or gradient norm always stops the run
+    (exit 3); a loss spike stops it only when `loss_spike` is set."""
+
+    loss_spike: float | None = Field(
+        None, gt=1.0, description="Stop when a logged training loss exceeds this many times the median of the "
+        "previous `spike_window` logged losses (e.g. 10); off by default."
+    )
+    spike_window: PositiveInt = Field(10, description="How many previous logged losses the spike rule compares with.")
+
+
 class Recipe(_Strict):
     stage: Literal["sft", "rm", "ppo", "eval", "generate"] | None = Field(
         None, description="Which command the recipe is for (sft, rm, ppo, eval or generate); checked when given."
@@ -442,6 +453,9 @@ class Recipe(_Strict):
     )
     seed: int = Field(42, description="Seed for model init, data order and sampling.")
     report_to: list[str] | str = Field("none", description="Trackers: none, tensorboard, wandb, trackio, ...")
+    divergence: DivergenceSpec = Field(
+        default_factory=DivergenceSpec, description="When a diverging sft/train-rm run stops (NaN/inf always)."
+    )
 
     @model_validator(mode="after")
     def _fits_builtin_positions(self) -> Recipe:

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import yaml
+from rich.markup import escape
 
-from rlhf_cli.console import print_yaml
+from rlhf_cli.console import make_console, print_yaml
 from rlhf_cli.errors import UserError
-from rlhf_cli.launch import DEEPSPEED_CONFIG, RESOLVED_RECIPE, WORKER_INPUT_ERROR, Hardware, LaunchPlan, plan_launch
-from rlhf_cli.recipe import Recipe, recipe_to_yaml
-from rlhf_cli.preflight import check_hardware
 from rlhf_cli.guard import DIVERGED_EXIT_CODE, divergence_message, install_trainer_guard
+from rlhf_cli.launch import DEEPSPEED_CONFIG, RESOLVED_RECIPE, WORKER_INPUT_ERROR, Hardware, LaunchPlan, plan_launch
+from rlhf_cli.preflight import check_hardware
+from rlhf_cli.recipe import Recipe, recipe_to_yaml
 from rlhf_cli.rundir import (
     RunDirectory,
     checkpoint_marker_callback,
@@ -145,7 +146,9 @@ def run_stage(
     run_dir = resolve_run_dir(recipe, output_dir)
     recipe = recipe.model_copy(update={"output_dir": str(run_dir)})  # recipe.yaml records where the run went
     hardware = Hardware.detect()
-    check_hardware(recipe, hardware)
+    note = check_hardware(recipe, hardware, planning=dry_run)
+    if note:
+        make_console(stderr=True).print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
     plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, hardware, resume=resume,
                        cli_argv=cli_argv)  # fmt: skip
     config_kwargs = trainer_config_kwargs(stage, recipe, run_dir, plan)
@@ -255,7 +258,8 @@ def train(
         **(stage.trainer_kwargs(recipe) if stage.trainer_kwargs else {}),
     )
     _use_rich_progress(trainer)
-    guard = install_trainer_guard(trainer)
+    guard = install_trainer_guard(trainer, loss_spike=recipe.divergence.loss_spike,
+                                  spike_window=recipe.divergence.spike_window)  # fmt: skip
     rows = row_counts(trainer, length_reports, rows_read)  # checks that the trainer holds every kept row
 
     # Every input is good: from here on the run directory is written.

@@ -5,6 +5,9 @@ The loop itself lives in `rlhf_cli.ppo.trainer`; this module checks inputs and t
 
 from __future__ import annotations
 
+from rich.markup import escape
+
+from rlhf_cli.console import make_console
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import Hardware, plan_launch
 from rlhf_cli.preflight import check_hardware
@@ -43,7 +46,9 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
     except ValueError as exc:
         raise UserError(f"Recipe training section: {exc}.") from None
     hardware = Hardware.detect()
-    check_hardware(recipe, hardware)
+    note = check_hardware(recipe, hardware, planning=dry_run)
+    if note:
+        make_console(stderr=True).print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
     plan = plan_launch(recipe, "ppo", "PPOConfig", run_dir, hardware, resume=resume, cli_argv=cli_argv)
     if dry_run:
         import yaml
