@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    from rlhf_cli import interrupts
+
+    interrupts.install()  # SIGTERM from the launcher before training: exit 130 like Ctrl-C, not a bare kill
     run_dir = Path(args.run_dir)
     try:
         if args.stage == "ppo":
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         train_data, eval_data = load_stage_data(stage, recipe)
         return train(stage, recipe, run_dir, trainer_config_kwargs(stage, recipe, run_dir, plan), train_data,
                      eval_data, resume=args.resume, run=None)  # fmt: skip
+    except KeyboardInterrupt:  # a signal before training started (during it, the stage saves and returns 130)
+        return 130
     except UserError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         # The launcher reports any failure as 1; this marker tells the parent it was a bad input (exit code 2).
