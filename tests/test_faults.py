@@ -321,3 +321,13 @@ def test_an_optional_loss_spike_rule_stops_the_run(tmp_path, monkeypatch):
     assert result.exit_code == 3, flat
     assert "diverged at step 5" in flat and "times the median" in flat
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_a_run_directory_holding_only_its_bookkeeping_is_reused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".rlhf-run").write_text("{}")
+    (out / ".rlhf-lock").write_text("12345\n")  # left by a process that died
+    result = invoke("sft", str(TINY / "sft.yaml"), "-o", str(out), "--set", "training.max_steps=1")
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()

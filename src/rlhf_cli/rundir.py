@@ -190,8 +190,8 @@ class RunDirectory:
             self._restore_aside()
             raise UserError(f"Cannot create the output directory {path}: {exc.strerror or exc}.") from None
         self.created = True
-        lock = _lock(path)
-        self._locks.append(lock)
+        if self.aside is not None or not self._locks:  # a new directory: its own lock (the old one went aside)
+            self._locks.append(_lock(path))
         if existed and _user_entries(path) and not self.aside:  # another run got here between the check and now
             self.created = False
             raise UserError(f"Output directory {path} was filled by another run while this one was starting.")
