@@ -1149,3 +1149,54 @@ def _detect_format(ds: datasets.Dataset, plan: _Plan, visible: list[str], kind: 
         f"{where}: cannot tell the format from columns [{', '.join(visible)}]; {_KIND_NEEDS[kind]}; "
         f"set {what}.format or {what}.columns."
     )
+
+
+# ---------------------------------------------------------------- holding out evaluation rows
+
+HOLDOUT_MIN_ROWS = 8  # a stage's default hold-out is at least this many rows...
+HOLDOUT_MAX_ROWS = 1000  # ...and at most this many: enough to tell accuracy within about +-3 points (95%)
+HOLDOUT_MIN_DATA = 5 * HOLDOUT_MIN_ROWS  # with fewer rows than this, a stage holds nothing out by default
+
+
+def eval_split_size(rows: int, split: float | int, *, what: str = "data.train") -> int:
+    """How many of `rows` rows `data.eval_split` holds out: a fraction (0, 0.5] rounds up (at least one row), an int
+    is a number of rows. A UserError when that leaves no evaluation row or no training row."""
+    if isinstance(split, float):
+        size = math.ceil(round(split * rows, 6))  # round first: 0.05 * 60 is 3.0000000000000004
+        asked = f"data.eval_split: {split:g} of {rows} rows"
+    else:
+        size = split
+        asked = f"data.eval_split: {split} rows of {rows}"
+    if size < 1:
+        raise UserError(f"{asked} holds out no row; give a larger data.eval_split, or 0 to hold out nothing.")
+    if rows - size < 1:
+        raise UserError(f"{asked} leaves no row of {what} to train on; give a smaller data.eval_split "
+                        f"(at most {rows - 1} rows), or the evaluation data as data.eval.")  # fmt: skip
+    return size
+
+
+def default_holdout_size(rows: int, fraction: float) -> int:
+    """The rows a stage holds out when the recipe gives no evaluation data: `fraction` of them, rounded up, at least
+    HOLDOUT_MIN_ROWS and at most HOLDOUT_MAX_ROWS; 0 (nothing) when there are fewer than HOLDOUT_MIN_DATA rows."""
+    if rows < HOLDOUT_MIN_DATA:
+        return 0
+    return min(HOLDOUT_MAX_ROWS, max(HOLDOUT_MIN_ROWS, math.ceil(round(fraction * rows, 6))))
+
+
+def holdout_indices(rows: int, size: int, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows) of `rows` rows, `size` of them held out, both in their original order.
+
+    Pure and deterministic: the held-out rows are `random.Random(seed).sample(range(rows), size)`, so the same seed
+    picks the same rows on every machine, in every process and on --resume."""
+    import random
+
+    if not 0 <= size <= rows:
+        raise ValueError(f"cannot hold out {size} of {rows} rows")
+    held = set(random.Random(seed).sample(range(rows), size))
+    return [i for i in range(rows) if i not in held], sorted(held)
+
+
+def split_dataset(dataset: datasets.Dataset, size: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training part, held-out part) of a loaded dataset, by `holdout_indices`."""
+    train, held = holdout_indices(len(dataset), size, seed)
+    return dataset.select(train), dataset.select(held)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.trl_fields import check_training_keys
@@ -238,6 +238,32 @@ class DataSpec(_Strict):
         "truncate", description="truncate: keep the prompt's end and each response's start (a text row keeps its "
         "start); drop: leave such rows out (counted in the summary); error: stop before training, naming the first."
     )
+    eval_split: float | int | None = Field(
+        None, description="Hold out part of data.train as evaluation data, picked by `seed`: a fraction in "
+        "(0, 0.5] or a number of rows; 0 holds out nothing. null: the stage's default (train-rm: 5%, 8 to 1000 "
+        "rows, when there is no data.eval; sft: none)."
+    )
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _eval_split_range(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a fraction in (0, 0.5], a number of rows, or 0 to hold out nothing")
+        if isinstance(value, float) and not (0 < value <= 0.5 or value == 0):
+            raise ValueError("a fraction must be in (0, 0.5] (a whole number is a number of rows; 0 holds out "
+                             "nothing)")  # fmt: skip
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a number of rows must be 0 (hold out nothing) or more")
+        return value
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSpec:
+        if self.eval is not None and self.eval_split:
+            raise ValueError("give data.eval or data.eval_split, not both (eval_split holds out part of data.train "
+                             "as the evaluation data; 0 turns it off)")  # fmt: skip
+        return self
 
 
 class DistributedSpec(_Strict):
