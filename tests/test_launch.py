@@ -105,7 +105,8 @@ def test_trainer_config_takes_what_other_sections_decide(tmp_path):
     assert kwargs["output_dir"] == str(tmp_path) and kwargs["report_to"] == "all"
     assert kwargs["deepspeed"] == str(tmp_path / "deepspeed.json")
     assert kwargs["use_cpu"] is True and kwargs["bf16"] is False
-    assert kwargs["eval_strategy"] == "epoch"  # eval data given: evaluate it
+    assert kwargs["eval_strategy"] == "steps"  # eval data given: evaluate it (with every checkpoint and at the end)
+    assert kwargs["save_total_limit"] == 2 and kwargs["num_train_epochs"] == 1  # train-rm's defaults
     raw["training"]["eval_strategy"] = "no"
     kwargs = trainer_config_kwargs(STAGES["rm"], validate_recipe(raw, "rm"), tmp_path, plan)
     assert kwargs["eval_strategy"] == "no"

@@ -419,7 +419,8 @@ def _headline(stage: PipelineStage) -> str:
     if not path.is_file():
         return ""
     summary = json.loads(path.read_text())
-    keys = {"sft": ("final loss", "eval_loss"), "rm": ("final accuracy", "eval_accuracy"),
+    keys = {"sft": ("train loss (last log window)", "held-out loss"), "rm": ("held-out accuracy",
+            "train accuracy (last log window)"),
             "ppo": ("score (first steps)", "score (last steps)", "kl (last steps)",
                     "reward (first steps)", "reward (last steps)")}[stage.name]  # fmt: skip
     return ", ".join(f"{key} {_number(summary[key])}" for key in keys if key in summary)

@@ -85,7 +85,11 @@ def _training(recipe: Recipe, stage: str) -> list[str]:
     problems = []
     training = recipe.training
     strategy = training.get("eval_strategy", "no")
-    has_eval = recipe.data is not None and (recipe.data.eval is not None or getattr(recipe.data, "eval_split", None))
+    has_eval = recipe.data is not None and (recipe.data.eval is not None or recipe.data.eval_split)
+    if recipe.data is not None and recipe.data.eval is None and recipe.data.eval_split is None:
+        from rlhf_cli.stages import STAGES
+
+        has_eval = bool(getattr(STAGES.get(stage), "default_eval_split", None))  # train-rm holds part out itself
     if stage in ("sft", "rm") and strategy not in ("no", None) and not has_eval:
         problems.append(f"training.eval_strategy is {strategy!r} but there is no evaluation data: add data.eval "
                         "(or data.eval_split), or remove eval_strategy.")  # fmt: skip

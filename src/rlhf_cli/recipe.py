@@ -932,4 +932,13 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
         rows.append((key, default, info.description or meaning))
         if nested is not None:
             rows.extend(describe_keys(nested, f"{key}."))
+    if model is Recipe and not prefix:  # what a stage sets where the recipe does not, after the key it concerns
+        from rlhf_cli.stages.common import stage_default_rows
+
+        for row in stage_default_rows():
+            base = row[0].split(" (")[0]  # "training.save_steps (sft, rm)" -> "training.save_steps"
+            anchor = base if any(key == base for key, _, _ in rows) else base.rsplit(".", 1)[0]
+            at = max(i for i, (key, _, _) in enumerate(rows) if key == anchor or key.startswith(f"{anchor}.")
+                     or key.split(" (")[0] == anchor)  # fmt: skip
+            rows.insert(at + 1, row)
     return rows

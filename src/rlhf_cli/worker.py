@@ -41,9 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         stage = STAGES[args.stage]
         recipe = load_recipe(args.recipe, stage.stage_key)
         plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, Hardware.detect(), resume=args.resume)
-        train_data, eval_data = load_stage_data(stage, recipe)
-        return train(stage, recipe, run_dir, trainer_config_kwargs(stage, recipe, run_dir, plan), train_data,
-                     eval_data, resume=args.resume, run=None)  # fmt: skip
+        # The parent loaded the same data (same seed, same hold-out) and printed its notes; the summary's counts
+        # and the sized defaults come from this load, as in an in-process run.
+        data = load_stage_data(stage, recipe, notes=False)
+        return train(stage, recipe, run_dir, trainer_config_kwargs(stage, recipe, run_dir, plan, data), data,
+                     resume=args.resume, run=None)  # fmt: skip
     except KeyboardInterrupt:  # a signal before training started (during it, the stage saves and returns 130)
         return 130
     except UserError as exc:
