@@ -54,9 +54,9 @@ def test_calibration_buckets_split_pairs_by_gap():
     #   [0.5 wrong, 1 right] [1 wrong, 2 right] [3 right, 4 right]
     buckets = calibration_by_gap(chosen, rejected, buckets=3)
     assert buckets == [
-        {"low": 0.5, "high": 1.0, "count": 2, "accuracy": 0.5},
-        {"low": 1.0, "high": 2.0, "count": 2, "accuracy": 0.5},
-        {"low": 3.0, "high": 4.0, "count": 2, "accuracy": 1.0},
+        {"low": 0.5, "high": 1.0, "count": 2, "ties": 0, "accuracy": 0.5},
+        {"low": 1.0, "high": 2.0, "count": 2, "ties": 0, "accuracy": 0.5},
+        {"low": 3.0, "high": 4.0, "count": 2, "ties": 0, "accuracy": 1.0},
     ]
 
 
@@ -70,8 +70,8 @@ def test_length_bias_and_accuracy_when_shorter_chosen():
     chosen_scores, rejected_scores = [2.0, 0.0, 3.0, 1.0], [1.0, 1.0, -1.0, 1.0]
     chosen_lengths, rejected_lengths = [10, 5, 20, 7], [5, 10, 20, 3]
     # pair 0: longer = chosen (2 > 1): prefers longer. pair 1: longer = rejected (1 > 0): prefers longer.
-    # pair 2: equal lengths, excluded. pair 3: longer = chosen, scores tie: half.  -> (1 + 1 + 0.5) / 3
-    assert length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) == pytest.approx(2.5 / 3)
+    # pair 2: equal lengths, excluded. pair 3: scores tie, excluded (ties are counted on their own).  -> 2 / 2
+    assert length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) == pytest.approx(1.0)
     # only pair 1 has the shorter response chosen, and the model got it wrong
     assert accuracy_when_shorter_chosen(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) == 0.0
 
@@ -85,6 +85,7 @@ def test_reward_model_metrics_bundles_the_section():
     section = reward_model_metrics(CHOSEN, REJECTED, [3, 1, 2], [1, 3, 2], buckets=2)
     assert section["num_pairs"] == 3
     assert section["accuracy"] == pytest.approx(2 / 3)
+    assert (section["ties"], section["tie_rate"], section["accuracy_ties_as_half"]) == (0, 0.0, pytest.approx(2 / 3))
     assert section["length_bias"] == pytest.approx(1.0)  # pair 0: longer chosen wins; pair 1: longer rejected wins
     assert section["accuracy_shorter_chosen"] == 0.0
     assert sum(b["count"] for b in section["calibration"]) == 3
@@ -180,3 +181,40 @@ def test_pearson():
 def test_finite_or_none():
     assert finite_or_none(3) == 3.0 and finite_or_none(np.float32(0.5)) == 0.5
     assert finite_or_none(float("nan")) is None and finite_or_none(True) is None and finite_or_none("1") is None
+
+
+def test_ties_are_counted_on_their_own_and_left_out_of_the_accuracy():
+    from rlhf_cli.evaluation.metrics import TIE_TOLERANCE, pair_outcomes, ties
+
+    # pair 0 right, pair 1 wrong, pair 2 an exact tie, pair 3 a tie within the tolerance (float32 noise on a score
+    # of 4: 2e-6 apart, within 1e-6 * 4), pair 4 right, pair 5 right by 1e-3 (no tie).
+    chosen = [2.0, 0.0, 5.0, 4.000002, 3.0, 1.001]
+    rejected = [1.0, 1.0, 5.0, 4.0, -1.0, 1.0]
+    assert ties(chosen, rejected).tolist() == [False, False, True, True, False, False]
+    outcome = pair_outcomes(chosen, rejected)
+    # by hand: 6 pairs, 2 ties, 4 decided of which 3 right -> accuracy 3/4; tie rate 2/6; ties as half (3 + 1) / 6
+    assert outcome == {"accuracy": 0.75, "pairs_decided": 4, "wins": 3, "losses": 1, "ties": 2,
+                       "tie_rate": pytest.approx(2 / 6), "accuracy_ties_as_half": pytest.approx(4 / 6),
+                       "tie_tolerance": TIE_TOLERANCE}  # fmt: skip
+    # the older figure with exact ties only: pair 3 counts as a win -> (4 + 0.5) / 6
+    assert pairwise_accuracy(chosen, rejected) == pytest.approx(4.5 / 6)
+
+    section = reward_model_metrics(chosen, rejected, [5, 9, 4, 4, 6, 2], [5, 3, 8, 4, 2, 9], buckets=2)
+    assert (section["accuracy"], section["ties"], section["num_pairs"]) == (0.75, 2, 6)
+    # gaps sorted: 0 (tie), 2e-6 (tie), 1e-3 right | 1 right, 1 wrong, 4 right
+    assert [(b["count"], b["ties"], b["accuracy"]) for b in section["calibration"]] == [(3, 2, 1.0), (3, 0, 2 / 3)]
+    # untied pairs of unequal length: 1 (longer = chosen, loses), 4 (longer = chosen, wins), 5 (longer = rejected,
+    # loses by a hair); pairs 2 and 3 are ties, pair 0 has equal lengths: the longer one wins only in 4 -> 1 / 3
+    assert section["length_bias"] == pytest.approx(1 / 3)
+    # untied pairs with the shorter response chosen: pair 5 (2 < 9), right -> 1.0
+    assert section["accuracy_shorter_chosen"] == 1.0
+
+
+def test_every_pair_tied_leaves_the_accuracy_undefined():
+    from rlhf_cli.evaluation.metrics import pair_outcomes
+
+    outcome = pair_outcomes([1.0, 2.0], [1.0, 2.0])
+    assert outcome["accuracy"] is None and outcome["ties"] == 2 and outcome["accuracy_ties_as_half"] == 0.5
+    assert length_bias([1.0], [1.0], [5], [3]) is None
+    buckets = calibration_by_gap([1.0, 2.0], [1.0, 2.0], buckets=1)
+    assert buckets == [{"low": 0.0, "high": 0.0, "count": 2, "ties": 2, "accuracy": None}]

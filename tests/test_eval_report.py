@@ -51,7 +51,8 @@ def test_eval_json_round_trips_and_report_has_every_section(tmp_path):
     for heading in ["# Evaluation report", "## Reward model", "### Calibration", "## Policy vs reference",
                     "## Diversity", "## Perplexity", "## Judge: big-judge", "## Samples"]:  # fmt: skip
         assert heading in report
-    assert "| 3 | 0.667 | 1.333 | 1.000 | 0.000 |" in report  # pairs, accuracy, margin, length bias, shorter-chosen
+    # pairs, accuracy (ties left out), ties (rate), margin, length bias, shorter-chosen, accuracy with ties as half
+    assert "| 3 | 0.667 | 0 (0.000) | 1.333 | 1.000 | 0.000 | 0.667 |" in report
     assert "Win rate: **0.625** (95% Wilson interval" in report  # 2 wins, 1 tie, 1 loss: 2.5 / 4
     assert "KL(policy ‖ reference) per response: **2.000** ± 0.577" in report
     assert "| policy | 12.500 |" in report
@@ -66,7 +67,7 @@ def test_reward_model_only_report_has_no_policy_sections(tmp_path):
     report = (tmp_path / REPORT_MD).read_text()
     assert "## Reward model" in report
     assert "## Policy vs reference" not in report and "## Samples" not in report and "## Judge" not in report
-    assert "| 2 | 0.500 | 0.000 | n/a | n/a |" in report  # equal lengths: the length metrics are undefined
+    assert "| 2 | 0.500 | 0 (0.000) | 0.000 | n/a | n/a | 0.500 |" in report  # equal lengths: no length metrics
     assert json.loads((tmp_path / EVAL_JSON).read_text())["reward_model"]["length_bias"] is None
 
 

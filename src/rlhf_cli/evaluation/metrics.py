@@ -52,11 +52,61 @@ def _preference_credit(preferred: np.ndarray, other: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- reward model on preference pairs
 
+# Reward-model scores come out of float32 forward passes, and the same tokens scored in two batches (other padding)
+# can differ in the last bits. Two scores are a tie when |s_c - s_r| <= TIE_TOLERANCE * max(1, |s_c|, |s_r|):
+# exactly equal, or equal up to about ten float32 roundings. The usual tie is a pair whose responses are cut to the
+# same tokens (a long prompt, two responses sharing their start), which scores exactly equal.
+TIE_TOLERANCE = 1e-6
+
+
+def ties(chosen_scores, rejected_scores, tolerance: float = TIE_TOLERANCE) -> np.ndarray:
+    """Boolean mask of the tied pairs: |s_c(i) - s_r(i)| <= tolerance * max(1, |s_c(i)|, |s_r(i)|)."""
+    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    scale = np.maximum(1.0, np.maximum(np.abs(chosen), np.abs(rejected)))
+    return np.abs(chosen - rejected) <= tolerance * scale
+
+
+def _decided_accuracy(chosen: np.ndarray, rejected: np.ndarray, tied: np.ndarray) -> float | None:
+    """(1/|D|) sum_{i in D} [s_c(i) > s_r(i)] over the pairs D that are not tied; None when every pair is tied."""
+    decided = ~tied
+    return float((chosen[decided] > rejected[decided]).mean()) if decided.any() else None
+
 
 def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
-    """acc = (1/N) sum_i ( [s_c(i) > s_r(i)] + 0.5 [s_c(i) = s_r(i)] )   (a tie is a coin flip: half credit)."""
+    """acc_half = (1/N) sum_i ( [s_c(i) > s_r(i)] + 0.5 [s_c(i) = s_r(i)] )   (a tie, exact here, as half).
+
+    The older headline figure. The report uses `pair_outcomes`: the accuracy over the pairs that are not tied, the
+    ties counted on their own, and this figure as `accuracy_ties_as_half` (ties there within TIE_TOLERANCE)."""
     chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
     return float(_preference_credit(chosen, rejected).mean())
+
+
+def pair_outcomes(chosen_scores, rejected_scores, tolerance: float = TIE_TOLERANCE) -> dict:
+    """How the reward model decided N preference pairs, ties on their own (a tie: see `ties`):
+
+        wins   = #{i : not tied, s_c(i) > s_r(i)}     losses = #{i : not tied, s_c(i) < s_r(i)}     T = #ties
+        accuracy            = wins / (N - T)                  (None when every pair is tied)
+        tie_rate            = T / N
+        accuracy_ties_as_half = (wins + 0.5 T) / N            (the older figure: a tie as a coin flip)
+
+    Returns {"accuracy", "pairs_decided", "wins", "losses", "ties", "tie_rate", "accuracy_ties_as_half",
+    "tie_tolerance"}.
+    """
+    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    tied = ties(chosen, rejected, tolerance)
+    count = int(tied.sum())
+    wins = int(((chosen > rejected) & ~tied).sum())
+    n = chosen.size
+    return {
+        "accuracy": _decided_accuracy(chosen, rejected, tied),
+        "pairs_decided": n - count,
+        "wins": wins,
+        "losses": n - count - wins,
+        "ties": count,
+        "tie_rate": count / n,
+        "accuracy_ties_as_half": (wins + 0.5 * count) / n,
+        "tie_tolerance": tolerance,
+    }
 
 
 def mean_margin(chosen_scores, rejected_scores) -> float:
@@ -70,13 +120,16 @@ def calibration_by_gap(chosen_scores, rejected_scores, buckets: int = 4) -> list
 
     Pairs are sorted by g_i and split into `buckets` equal-count (quantile) groups, as equal in size as possible
     (fewer groups when there are fewer pairs than buckets). Each group reports
-        {"low": min g_i, "high": max g_i, "count": pairs, "accuracy": pairwise_accuracy over the group}.
-    A calibrated Bradley-Terry model, P(chosen wins) = sigmoid(s_c - s_r), is right more often on wider gaps:
-    accuracy should rise from the first bucket to the last.
+        {"low": min g_i, "high": max g_i, "count": pairs, "ties": tied pairs (see `ties`),
+         "accuracy": accuracy over the group's pairs that are not tied (None when all are)}.
+    Ties have the smallest gaps, so they gather in the first group. A calibrated Bradley-Terry model,
+    P(chosen wins) = sigmoid(s_c - s_r), is right more often on wider gaps: accuracy should rise from the first
+    bucket to the last.
     """
     if buckets < 1:
         raise ValueError(f"buckets must be at least 1, got {buckets}.")
     chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
+    tied = ties(chosen, rejected)
     gaps = np.abs(chosen - rejected)
     order = np.argsort(gaps, kind="stable")
     groups = [group for group in np.array_split(order, min(buckets, gaps.size)) if group.size]
@@ -85,54 +138,62 @@ def calibration_by_gap(chosen_scores, rejected_scores, buckets: int = 4) -> list
             "low": float(gaps[group].min()),
             "high": float(gaps[group].max()),
             "count": int(group.size),
-            "accuracy": float(_preference_credit(chosen[group], rejected[group]).mean()),
+            "ties": int(tied[group].sum()),
+            "accuracy": _decided_accuracy(chosen[group], rejected[group], tied[group]),
         }
         for group in groups
     ]
 
 
-def length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) -> float | None:
-    """Fraction of pairs in which the reward model prefers the longer response, over pairs whose lengths differ:
-
-        bias = (1/|D|) sum_{i in D} ( [s_long(i) > s_short(i)] + 0.5 [s_long(i) = s_short(i)] ),
-        D = {i : l_c(i) != l_r(i)}
-
-    0.5 means length does not sway the model; near 1 it rewards verbosity. None when every pair has equal lengths.
-    """
+def _length_inputs(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths):
     chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
     chosen_len, rejected_len = _paired(chosen_lengths, rejected_lengths, "chosen_lengths", "rejected_lengths")
     if chosen_len.shape != chosen.shape:
         raise ValueError(f"{chosen.size} score pairs but {chosen_len.size} length pairs; they must be paired.")
-    differ = chosen_len != rejected_len
+    return chosen, rejected, chosen_len, rejected_len, ties(chosen, rejected)
+
+
+def length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) -> float | None:
+    """Fraction of pairs in which the reward model prefers the longer response, over the pairs whose lengths differ
+    and whose scores are not tied (see `ties`):
+
+        bias = (1/|D|) sum_{i in D} [s_long(i) > s_short(i)],   D = {i : l_c(i) != l_r(i), pair i not tied}
+
+    0.5 means length does not sway the model; near 1 it rewards verbosity. None when no pair qualifies.
+    """
+    chosen, rejected, chosen_len, rejected_len, tied = _length_inputs(chosen_scores, rejected_scores, chosen_lengths,
+                                                                      rejected_lengths)  # fmt: skip
+    differ = (chosen_len != rejected_len) & ~tied
     if not differ.any():
         return None
     chosen_is_longer = chosen_len > rejected_len
     longer_score = np.where(chosen_is_longer, chosen, rejected)[differ]
     shorter_score = np.where(chosen_is_longer, rejected, chosen)[differ]
-    return float(_preference_credit(longer_score, shorter_score).mean())
+    return float((longer_score > shorter_score).mean())
 
 
 def accuracy_when_shorter_chosen(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) -> float | None:
-    """Pairwise accuracy over the pairs S = {i : l_c(i) < l_r(i)}, where the labellers chose the shorter response.
+    """Accuracy over the pairs S = {i : l_c(i) < l_r(i), pair i not tied}, where the labellers chose the shorter
+    response: (1/|S|) sum_{i in S} [s_c(i) > s_r(i)].
 
     A model that merely rewards length scores low here although its overall accuracy looks fine.
     None when there is no such pair.
     """
-    chosen, rejected = _paired(chosen_scores, rejected_scores, "chosen_scores", "rejected_scores")
-    chosen_len, rejected_len = _paired(chosen_lengths, rejected_lengths, "chosen_lengths", "rejected_lengths")
-    if chosen_len.shape != chosen.shape:
-        raise ValueError(f"{chosen.size} score pairs but {chosen_len.size} length pairs; they must be paired.")
-    shorter_chosen = chosen_len < rejected_len
+    chosen, rejected, chosen_len, rejected_len, tied = _length_inputs(chosen_scores, rejected_scores, chosen_lengths,
+                                                                      rejected_lengths)  # fmt: skip
+    shorter_chosen = (chosen_len < rejected_len) & ~tied
     if not shorter_chosen.any():
         return None
-    return float(_preference_credit(chosen[shorter_chosen], rejected[shorter_chosen]).mean())
+    return float((chosen[shorter_chosen] > rejected[shorter_chosen]).mean())
 
 
 def reward_model_metrics(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths, buckets: int = 4) -> dict:
-    """The `reward_model` section of the report: every reward-model metric above for one set of preference pairs."""
+    """The `reward_model` section of the report: every reward-model metric above for one set of preference pairs.
+    `accuracy` is over the pairs that are not tied; `ties`, `tie_rate` and `accuracy_ties_as_half` sit beside it
+    (`pair_outcomes`)."""
     return {
         "num_pairs": len(_as_array(chosen_scores, "chosen_scores")),
-        "accuracy": pairwise_accuracy(chosen_scores, rejected_scores),
+        **pair_outcomes(chosen_scores, rejected_scores),
         "mean_margin": mean_margin(chosen_scores, rejected_scores),
         "calibration": calibration_by_gap(chosen_scores, rejected_scores, buckets),
         "length_bias": length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths),

@@ -8,10 +8,14 @@ are exactly what the functions in `rlhf_cli.evaluation.metrics` return, so a sta
         "meta": {str: str | int | float},        # free-form run facts: policy, reference, reward_model, dataset ...
         "reward_model": {                        # metrics.reward_model_metrics(...)
             "num_pairs": int,
-            "accuracy": float,                   # pairwise accuracy, ties count half
+            "accuracy": float | None,            # pairwise accuracy over the pairs not tied (None: all tied)
+            "pairs_decided": int, "wins": int, "losses": int,
+            "ties": int, "tie_rate": float,      # pairs scored equal (within tie_tolerance), and their share
+            "accuracy_ties_as_half": float,      # the older figure: (wins + ties / 2) / num_pairs
+            "tie_tolerance": float,              # metrics.TIE_TOLERANCE
             "mean_margin": float,                # mean of s_chosen - s_rejected
-            "calibration": [{"low": float, "high": float, "count": int, "accuracy": float}, ...],
-            "length_bias": float | None,         # P(RM prefers the longer response), pairs of unequal length
+            "calibration": [{"low": float, "high": float, "count": int, "ties": int, "accuracy": float | None}, ...],
+            "length_bias": float | None,         # P(RM prefers the longer response), untied pairs of unequal length
             "accuracy_shorter_chosen": float | None,
         },
         "policy": {                              # policy against the reference, scored by the reward model
@@ -141,22 +145,30 @@ def _scores_and_wins(section: dict) -> list[str]:
 
 def _reward_model_section(rm: dict) -> list[str]:
     lines = ["## Reward model", ""]
+    tie_rate = rm.get("tie_rate")
+    ties = f"{rm.get('ties')} ({_fmt(tie_rate)})" if "ties" in rm else None
     lines += _table(
-        ["pairs", "accuracy", "mean margin", "length bias", "accuracy when shorter chosen"],
-        [[rm.get("num_pairs"), rm.get("accuracy"), rm.get("mean_margin"), rm.get("length_bias"),
-          rm.get("accuracy_shorter_chosen")]],
+        ["pairs", "accuracy (ties left out)", "ties (rate)", "mean margin", "length bias",
+         "accuracy when shorter chosen", "accuracy, ties as half"],
+        [[rm.get("num_pairs"), rm.get("accuracy"), ties, rm.get("mean_margin"), rm.get("length_bias"),
+          rm.get("accuracy_shorter_chosen"), rm.get("accuracy_ties_as_half")]],
     )  # fmt: skip
+    tolerance = rm.get("tie_tolerance")
+    within = f" (|s_chosen - s_rejected| <= {tolerance:g} x max(1, |s|))" if tolerance is not None else ""
     legend = (
-        "Accuracy counts ties as half. Length bias is the fraction of unequal-length pairs where the reward model "
-        "prefers the longer response (0.5 = indifferent to length)."
+        f"A tie is a pair whose two responses score the same{within}. Accuracy, length bias and accuracy when "
+        "shorter chosen are over the pairs that are not tied; the last column is the older figure, a tie counting "
+        "as half a win. Length bias is the fraction of unequal-length pairs where the reward model prefers the "
+        "longer response (0.5 = indifferent to length)."
     )
     lines += [legend, ""]
     if rm.get("calibration"):
         lines += ["### Calibration: accuracy by score gap |s_chosen - s_rejected|", ""]
         lines += _table(
-            ["gap from", "gap to", "pairs", "accuracy"],
-            [[b.get("low"), b.get("high"), b.get("count"), b.get("accuracy")] for b in rm["calibration"]],
-        )
+            ["gap from", "gap to", "pairs", "ties", "accuracy (ties left out)"],
+            [[b.get("low"), b.get("high"), b.get("count"), b.get("ties", 0), b.get("accuracy")]
+             for b in rm["calibration"]],
+        )  # fmt: skip
     return lines
 
 
