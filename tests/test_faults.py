@@ -331,3 +331,22 @@ def test_a_run_directory_holding_only_its_bookkeeping_is_reused(tmp_path):
     result = invoke("sft", str(TINY / "sft.yaml"), "-o", str(out), "--set", "training.max_steps=1")
     assert result.exit_code == 0, result.output
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_second_pipeline_on_the_same_directory_is_refused(tmp_path):
+    out = tmp_path / "pipe"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"h = open({str(out / '.rlhf-lock')!r}, 'a+')\n"
+        "fcntl.flock(h, fcntl.LOCK_EX)\nh.seek(0); h.truncate(); h.write(str(os.getpid())); h.flush()\n"
+        "print('locked', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        flat = assert_clean_failure(["pipeline", str(TINY / "pipeline.yaml"), "-o", str(out)], "in use",
+                                    f"pid {holder.pid}")  # fmt: skip
+        assert "stage sft" not in flat
+        assert sorted(p.name for p in out.iterdir()) == [".rlhf-lock"]
+    finally:
+        holder.kill()
+        holder.wait()

@@ -340,6 +340,16 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
             run_one(stage, overwrite=False, resume=False, dry_run=True)
         return 0
 
+    from rlhf_cli.rundir import locked_directory
+
+    with locked_directory(out):  # a second pipeline on the same directory is refused, naming this one's pid
+        return _run_stages(out, stages, from_stage=from_stage, only=only, console=console)
+
+
+def _run_stages(out: Path, stages: list[PipelineStage], *, from_stage, only, console) -> int:
+    from rlhf_cli.console import heading
+
+    names = [stage.name for stage in stages]
     state = read_state(out)
     start = names.index(from_stage) if from_stage else 0
     selected = [only] if only else names[start:]

@@ -149,6 +149,22 @@ def _lock(run_dir: Path):
     return handle
 
 
+@contextmanager
+def locked_directory(path: Path):
+    """Create `path` if needed and hold its lock for the block: one `rlhf pipeline` per pipeline directory (each
+    stage's own run directory is locked again by the stage)."""
+    _check_writable_location(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"Cannot create the output directory {path}: {exc.strerror or exc}.") from None
+    handle = _lock(path)
+    try:
+        yield path
+    finally:
+        handle.close()
+
+
 class RunDirectory:
     """The one writer of a run directory, from the checks to the end of the run.
 
