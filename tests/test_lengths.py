@@ -239,10 +239,14 @@ def test_rm_run_counts_what_it_trained_on(policy, tmp_path):
                    f"data.on_too_long={policy}"])  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows read"] == 40 and "train rows" not in summary
+    held = summary["rows held out for evaluation"]  # train-rm's default hold-out: 8 of the 40
+    assert held == 8 and summary["held-out rows"] == summary["eval rows kept"]
     if policy == "truncate":
-        assert summary["rows kept"] == 40 and summary["rows truncated"] > 2 and summary["rows dropped"] == 0
+        assert summary["rows kept"] == 40 - held and summary["rows truncated"] > 2
+        assert summary["rows dropped as too long"] == 0
     else:
-        assert summary["rows dropped"] > 2 and summary["rows kept"] == 40 - summary["rows dropped"]
+        assert summary["rows dropped as too long"] > 2
+        assert summary["rows kept"] == 40 - held - summary["rows dropped as too long"]
     assert summary["steps"] == math.ceil(summary["rows kept"] / 8)  # one epoch over exactly the kept rows
     assert "Warning:" in result.output and "would keep 95% of rows whole" in result.output
 
@@ -260,7 +264,7 @@ def test_sft_run_counts_truncated_rows(tmp_path):
           "data.max_length=16", "--set", "training.max_steps=2", "--set", "training.per_device_train_batch_size=8"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows read"] == summary["rows kept"] == 32
-    assert 0 < summary["rows truncated"] <= 32 and summary["rows dropped"] == 0
+    assert 0 < summary["rows truncated"] <= 32 and summary["rows dropped as too long"] == 0
 
 
 PPO_FAST = ["--set", "model.name_or_path=builtin:tiny-gpt2",

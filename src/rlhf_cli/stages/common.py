@@ -290,6 +290,7 @@ class StageData:
     eval: Any | None
     reports: dict[str, Any]  # the loader's DataReport of "train" and (with data.eval) "eval"
     held_out: int = 0  # rows of data.train held out as the evaluation data (data.eval_split or the default)
+    loaded: Any | None = None  # with a hold-out: data.train as loaded, before it (whose row numbers errors give)
     eval_from: str | None = None  # where the evaluation data comes from, in words; None: there is none
     note: str | None = None  # the one line said about the hold-out
 
@@ -344,6 +345,7 @@ def load_stage_data(stage: Stage, recipe: Recipe, *, notes: bool = True) -> Stag
         return data
     data.held_out, data.eval_from, data.note = holdout_plan(stage, recipe, len(train))
     if data.held_out:
+        data.loaded = train
         data.train, data.eval = split_dataset(train, data.held_out, recipe.seed)
     if data.note and os.environ.get("RANK", "0") == "0":
         show([f"Note: {data.note}"])
@@ -451,6 +453,9 @@ def train(
     train_data, eval_data = data.train, data.eval
     model_path = resolve_model_path(recipe.model, recipe.seed)
     tokenizer = load_tokenizer(recipe.model, model_path, conversational=is_conversational(train_data[0]))
+    if data.loaded is not None and recipe.data.on_too_long == "error" and stage.length_key:
+        # Check data.train whole first, so that the error counts its rows and names the row as loaded.
+        fit_stage_data(stage, recipe, tokenizer, data.loaded, None)
     # Long examples are cut, dropped or refused here, tokenized as TRL would: TRL itself then removes nothing.
     train_data, eval_data, length_reports = fit_stage_data(stage, recipe, tokenizer, train_data, eval_data)
     # The TRL config comes before the model: under ZeRO-3 it arms zero.Init so weights load already sharded.
