@@ -67,12 +67,21 @@ def build_builtin_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
     return wrapped
 
 
-def materialize_builtin(name: str, spec: BuiltinSpec, seed: int) -> Path:
+def materialize_builtin(name: str, spec: BuiltinSpec, seed: int, tokenizer: str | None = None) -> Path:
     """Build (once) and cache the builtin model as an ordinary checkpoint directory; return its path.
 
-    Keyed by shape and seed, so every stage and every process of a run sees the same weights and tokenizer.
+    Keyed by shape and seed, so every stage and every process of a run sees the same weights and tokenizer. With
+    `tokenizer` (the recipe's `model.tokenizer`: a hub id, a tokenizer directory, or a folder holding only a GPT-2
+    style vocab.json + merges.txt) the random model embeds that tokenizer's tokens (vocab_size = len(tokenizer))
+    instead of the builtin BPE's, and the cache key includes a fingerprint of that tokenizer's vocabulary.
     """
-    key = hashlib.sha256(json.dumps([name, spec.model_dump(), seed], sort_keys=True).encode()).hexdigest()[:12]
+    if tokenizer is None:
+        built = None
+        identity: list = [name, spec.model_dump(), seed]
+    else:
+        built = read_tokenizer(tokenizer)
+        identity = [name, spec.model_dump(), seed, tokenizer_fingerprint(built)]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     target = cache_dir() / "builtin" / f"{name.removeprefix('builtin:')}-{key}"
     if (target / "config.json").is_file():
         return target
@@ -80,24 +89,27 @@ def materialize_builtin(name: str, spec: BuiltinSpec, seed: int) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = build_builtin_tokenizer(spec.vocab_size)
+    if built is None:
+        built = build_builtin_tokenizer(spec.vocab_size)
+    elif built.pad_token is None:
+        built.pad_token = built.eos_token  # as load_tokenizer does: the saved checkpoint reads the same ids
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=len(built),
         n_positions=spec.n_positions,
         n_embd=spec.n_embd,
         n_layer=spec.n_layer,
         n_head=spec.n_head,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=built.eos_token_id,
+        eos_token_id=built.eos_token_id,
+        pad_token_id=built.pad_token_id,
     )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = built.pad_token_id
     # Write to a temporary sibling and rename, so concurrent processes never see half a checkpoint.
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    built.save_pretrained(partial)
     try:
         partial.rename(target)
     except OSError:  # another process won the race; its copy is identical
@@ -107,10 +119,16 @@ def materialize_builtin(name: str, spec: BuiltinSpec, seed: int) -> Path:
     return target
 
 
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of what decides a tokenizer's ids: its vocabulary (added tokens included) and special tokens."""
+    facts = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def resolve_model_path(spec: ModelSpec, seed: int) -> str:
     """The directory or hub id to load; builtin models are materialized first."""
     if spec.is_builtin:
-        return str(materialize_builtin(spec.name_or_path, spec.builtin, seed))
+        return str(materialize_builtin(spec.name_or_path, spec.builtin, seed, tokenizer=spec.tokenizer))
     return spec.name_or_path
 
 
@@ -123,18 +141,71 @@ def _torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+# A folder with only these two files is a GPT-2 style byte-level BPE (as OpenAI published GPT-2's tokenizer).
+BPE_FILES = ("vocab.json", "merges.txt")
+# Any real tokenizer turns this into at least one token; one that gives none would train on empty sequences.
+SAMPLE_TEXT = "Hello, world! What is 1 plus 1? It is 2."
+
+
+def _bpe_files_only(source: str) -> Path | None:
+    """The folder, when `source` is a local folder holding vocab.json + merges.txt and no tokenizer.json or
+    tokenizer_config.json (which AutoTokenizer cannot load in transformers 5); else None."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir() or not all((folder / name).is_file() for name in BPE_FILES):
+        return None
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        return None
+    return folder
+
+
+def read_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   gguf_file: str | None = None) -> PreTrainedTokenizerBase:  # fmt: skip
+    """The tokenizer at `source` as saved (no pad token or template added), checked to encode text to tokens.
+
+    A folder with only vocab.json + merges.txt loads as a GPT-2 byte-level BPE. (transformers 5 takes those files as
+    `GPT2Tokenizer(vocab=..., merges=...)`; the old keywords vocab_file=/merges_file= are silently ignored and give
+    a one-token tokenizer that encodes everything to nothing, which the check below refuses.)
+    """
+    folder = _bpe_files_only(source)
+    try:
+        if folder is not None:
+            from transformers import GPT2Tokenizer
+
+            tokenizer = GPT2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+        else:
+            from transformers import AutoTokenizer
+
+            kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+            if gguf_file:
+                kwargs["gguf_file"] = gguf_file
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"Cannot load the tokenizer from {source!r}: {_first_line(exc)}") from None
+    check_tokenizer_encodes(tokenizer, source)
+    return tokenizer
+
+
+def check_tokenizer_encodes(tokenizer: PreTrainedTokenizerBase, source: str) -> None:
+    """Refuse a tokenizer that encodes a plain sentence to no token ids: training would run on empty sequences."""
+    try:
+        ids = list(tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"])
+    except Exception as exc:  # a broken tokenizer fails in many ways; each means the same here
+        raise UserError(f"The tokenizer {source!r} cannot encode text: {type(exc).__name__}: "
+                        f"{_first_line(exc)}") from None  # fmt: skip
+    if not ids:
+        hint = ""
+        if (Path(source).expanduser() / "vocab.json").is_file():
+            hint = (" Check its vocab.json and merges.txt (a GPT-2 BPE built with transformers 5 takes "
+                    "GPT2Tokenizer(vocab=..., merges=...); vocab_file=/merges_file= are ignored).")  # fmt: skip
+        raise UserError(f"The tokenizer {source!r} ({len(tokenizer)} tokens) encodes the text {SAMPLE_TEXT!r} to no "
+                        f"tokens at all: it cannot be trained or scored with.{hint}")  # fmt: skip
+
+
 def load_tokenizer(spec: ModelSpec, model_path: str, *, conversational: bool) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token, and a chat template when the data is conversational."""
-    from transformers import AutoTokenizer
-
     source = spec.tokenizer or model_path
-    kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
-    if spec.gguf_file and not spec.tokenizer:
-        kwargs["gguf_file"] = spec.gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"Cannot load the tokenizer from {source!r}: {_first_line(exc)}") from None
+    tokenizer = read_tokenizer(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                               gguf_file=None if spec.tokenizer else spec.gguf_file)  # fmt: skip
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"The tokenizer of {source!r} has neither a pad nor an EOS token; set one in the model.")
