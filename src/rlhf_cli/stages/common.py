@@ -235,8 +235,8 @@ def dry_run_data(stage: Stage, recipe: Recipe, plan: LaunchPlan) -> tuple[StageD
     sources = [recipe.data.train, recipe.data.eval]
     data, lines = None, []
     if any(source is not None and source.path is None for source in sources):
-        lines.append("hold-out and step counts: hub data is not read in a dry run; the run sizes them from the rows "
-                     "it reads")  # fmt: skip
+        lines.append("step counts: hub data is not read in a dry run, so the run sizes save_steps, eval_steps and "
+                     "logging_steps from the rows it reads")  # fmt: skip
     else:
         try:
             data = load_stage_data(stage, recipe, notes=False)
@@ -372,8 +372,6 @@ def run_stage(
     plan = plan_launch(recipe, stage.name, stage.config_class, run_dir, hardware, resume=resume,
                        cli_argv=cli_argv)  # fmt: skip
     if plan.precision.get("use_cpu") and (recipe.training.get("bf16") or recipe.training.get("fp16")):
-        from rlhf_cli.console import make_console
-
         make_console(stderr=True).print("[yellow]Note:[/] no GPU here, so training runs in float32 (bf16/fp16 ignored).")
     if dry_run:
         data, lines = dry_run_data(stage, recipe, plan)
