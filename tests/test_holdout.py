@@ -53,8 +53,9 @@ def test_eval_split_size(rows, split, size):
     assert eval_split_size(rows, split) == size
 
 
-@pytest.mark.parametrize("rows, split, fragment", [(1, 0.5, "leaves no row of data.train"),
-                                                   (256, 256, "at most 255 rows"), (10, 10, "leaves no row")])  # fmt: skip
+@pytest.mark.parametrize("rows, split, fragment", [
+    (1, 0.5, "leaves no row of data.train"), (256, 256, "at most 255 rows"), (10, 10, "leaves no row"),
+])  # fmt: skip
 def test_eval_split_size_errors(rows, split, fragment):
     with pytest.raises(UserError, match=fragment):
         eval_split_size(rows, split)
@@ -225,7 +226,8 @@ def test_rows_read_counts_the_loaders_drops(tmp_path):
         "stage": "rm", "model": {"name_or_path": "builtin:tiny-gpt2"},
         "data": {"train": {"path": str(data), "winner": {"column": "preference", "responses": ["output_1", "output_2"],
                                                          "first": 1, "second": 2, "tie": 0}}, "max_length": 64},
-        "training": {"max_steps": 2, "per_device_train_batch_size": 8, "activation_checkpointing": False}}))  # fmt: skip
+        "training": {"max_steps": 2, "per_device_train_batch_size": 8,
+                     "activation_checkpointing": False}}))  # fmt: skip
     out = tmp_path / "out"
     _run(["train-rm", str(recipe), "-o", str(out)])
     summary = _summary(out)

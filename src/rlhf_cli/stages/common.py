@@ -299,7 +299,8 @@ def holdout_plan(stage: Stage, recipe: Recipe, rows: int) -> tuple[int, str | No
     """(rows of data.train to hold out, where that evaluation data comes from in words, the note line) for a
     recipe without data.eval: data.eval_split when given (0: none), else the stage's default_eval_split
     (`data.default_holdout_size`) unless training.eval_strategy is no. A UserError when the split is impossible."""
-    from rlhf_cli.data import HOLDOUT_MAX_ROWS, HOLDOUT_MIN_DATA, HOLDOUT_MIN_ROWS, default_holdout_size, eval_split_size
+    from rlhf_cli.data import HOLDOUT_MAX_ROWS, HOLDOUT_MIN_DATA, HOLDOUT_MIN_ROWS, default_holdout_size
+    from rlhf_cli.data import eval_split_size
 
     split, seed = recipe.data.eval_split, recipe.seed
     if split is not None:
