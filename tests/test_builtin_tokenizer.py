@@ -87,7 +87,8 @@ def test_train_rm_on_the_builtin_with_a_handmade_tokenizer(tmp_path):
     out = tmp_path / "rm"
     result = CliRunner().invoke(app, ["train-rm", str(TINY / "rm.yaml"), "-o", str(out), "--set",
                                       f"model.tokenizer={folder}", "--set", "data.train.limit=16", "--set",
-                                      "training.max_steps=2", "--set", "training.per_device_train_batch_size=8"])  # fmt: skip
+                                      "training.max_steps=2", "--set",
+                                      "training.per_device_train_batch_size=8"])  # fmt: skip
     assert result.exit_code == 0, result.output
     from transformers import AutoConfig, AutoTokenizer
 
@@ -120,7 +121,8 @@ def test_sft_on_the_builtin_with_the_real_gpt2_tokenizer(shared_dir, tmp_path):
     out = tmp_path / "sft"
     result = CliRunner().invoke(app, ["sft", str(TINY / "sft.yaml"), "-o", str(out), "--set",
                                       f"model.tokenizer={folder}", "--set", "data.train.limit=16", "--set",
-                                      "training.max_steps=2", "--set", "training.per_device_train_batch_size=8"])  # fmt: skip
+                                      "training.max_steps=2", "--set",
+                                      "training.per_device_train_batch_size=8"])  # fmt: skip
     assert result.exit_code == 0, result.output
     from transformers import AutoConfig, AutoTokenizer
 

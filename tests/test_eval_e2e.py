@@ -137,7 +137,10 @@ def test_reward_model_eval_on_the_shared_hh_pairs(runs, tmp_path, shared_dir):
     rm = results["reward_model"]
     assert rm["num_pairs"] == 48 and 0 <= rm["accuracy"] <= 1 and sum(b["count"] for b in rm["calibration"]) == 48
     assert rm["length_bias"] is not None  # HH responses differ in length
-    assert sorted(path.name for path in out.iterdir()) == ["eval.json", "recipe.yaml", "report.md"]
+    written = sorted(path.name for path in out.iterdir() if not path.name.startswith("."))  # not the run's lock
+    assert written == ["eval.json", "pair_scores.jsonl", "recipe.yaml", "report.md"]
+    rows = [json.loads(line) for line in (out / "pair_scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 48 and sum(row["tie"] for row in rows) == rm["ties"]
 
 
 def test_generate_writes_scored_completions_that_load_as_sft_data(runs, tmp_path):

@@ -33,6 +33,7 @@ class Source:
     training: dict = field(default_factory=dict)
     note: str | None = None  # set when the length rule does not apply to this stage
     tokenizer_key: str = "policy"  # sources with the same key share one tokenizer
+    rendering: object = None  # eval.preferences: the reward model's rlhf_cli.rendering.Rendering (its rendering.json)
 
 
 STAGE_TRAINERS = {"sft": "TRL SFTTrainer", "rm": "TRL RewardTrainer", "ppo": "rlhf_cli PPOTrainer"}
@@ -56,9 +57,16 @@ def sources_of(recipe: Recipe, stage: str) -> list[Source]:
     if stage == "eval":
         spec, out = recipe.eval, []
         if spec.preferences is not None:
-            out.append(Source("eval.preferences", spec.preferences, "preference", spec.max_length, "eval.max_length",
-                              "truncate", _companion_tokenizer(recipe, spec.reward_model),
-                              tokenizer_key="reward_model"))  # fmt: skip
+            from rlhf_cli.rendering import RENDERING_FILE, read_rendering
+
+            # pairs are cut where the reward model's training cut them, unless eval.max_length is set
+            rendering = read_rendering(spec.reward_model)
+            limit, limit_key = spec.max_length, "eval.max_length"
+            if rendering is not None and "max_length" not in spec.model_fields_set:
+                limit, limit_key = rendering.max_length, f"{RENDERING_FILE} max_length"
+            out.append(Source("eval.preferences", spec.preferences, "preference", limit, limit_key, "truncate",
+                              _companion_tokenizer(recipe, spec.reward_model), tokenizer_key="reward_model",
+                              rendering=rendering))  # fmt: skip
         if spec.demonstrations is not None:
             out.append(Source("eval.demonstrations", spec.demonstrations, "sft", spec.max_length, "eval.max_length",
                               "truncate", _policy_tokenizer(recipe)))  # fmt: skip
@@ -80,7 +88,8 @@ def _policy_tokenizer(recipe: Recipe):
         if recipe.model is None:
             raise UserError("The recipe names no model (model.name_or_path), whose tokenizer this data needs.")
         path = resolve_model_path(recipe.model, recipe.seed)
-        return load_tokenizer(recipe.model, path, conversational=conversational), recipe.model.name_or_path
+        name = recipe.model.tokenizer or recipe.model.name_or_path
+        return load_tokenizer(recipe.model, path, conversational=conversational), name
 
     return load
 
@@ -126,9 +135,13 @@ def source_lines(item: Source, *, examples: int = 2, tokenizers: dict | None = N
     lines += [f"  note           {note}" for note in report.notes]
 
     template = sft_template_for_loss(tokenizer, item.training) if item.kind == "sft" else None
-    encodings = encode_dataset(dataset, tokenizer, item.kind,
-                               assistant_only_loss=bool(item.training.get("assistant_only_loss")),
-                               chat_template=template)  # fmt: skip
+    reader = _reader(item, tokenizer)
+    if reader is not None:  # as `rlhf eval` scores them: the reward model's rendering (rlhf_cli.rendering)
+        encodings = [reader.encode_pair(row) for row in dataset]
+    else:
+        encodings = encode_dataset(dataset, tokenizer, item.kind,
+                                   assistant_only_loss=bool(item.training.get("assistant_only_loss")),
+                                   chat_template=template)  # fmt: skip
     # A stage the rule does not apply to (note set) gets its rows whole: a limit no row exceeds.
     limit = item.max_length if item.note is None else max(e.length for e in encodings)
     fitted = fit_rows(encodings, max_length=limit, on_too_long=item.on_too_long, what=item.what,
@@ -136,7 +149,8 @@ def source_lines(item: Source, *, examples: int = 2, tokenizers: dict | None = N
     lengths = fitted.report
     unit = " (a pair: its longer sequence)" if item.kind == "preference" else ""
     shown = ", ".join(f"{name} {value}" for name, value in lengths.percentiles.items())
-    lines += [f"  tokenizer      {tokenizer_name}" + (" (chat template applied)" if conversational else ""),
+    lines += [f"  tokenizer      {tokenizer_name}" + (f" ({_template_used(tokenizer, reader)})"
+                                                     if conversational or reader is not None else ""),
               f"  token lengths  {shown}{unit}",
               f"  max_length     {item.max_length} ({item.limit_key}); {lengths.fits_95} would keep 95% of rows "
               "whole"]  # fmt: skip
@@ -151,6 +165,25 @@ def source_lines(item: Source, *, examples: int = 2, tokenizers: dict | None = N
         lines += [""] + _render(number, fitted.indices[position], encodings[fitted.indices[position]],
                                 fitted.encodings[position], tokenizer, item.kind)  # fmt: skip
     return lines
+
+
+def _reader(item: Source, tokenizer):
+    """A RewardReader for eval.preferences when the reward model has a rendering.json, else None."""
+    if item.rendering is None:
+        return None
+    from rlhf_cli.rendering import RewardReader
+
+    if item.rendering.conversational and item.rendering.chat_template:
+        tokenizer.chat_template = item.rendering.chat_template
+    return RewardReader(item.rendering, tokenizer, item.max_length, tokenizer.pad_token_id)
+
+
+def _template_used(tokenizer, reader) -> str:
+    from rlhf_cli.models import describe_chat_template
+
+    if reader is not None:
+        return f"as the reward model was trained: {reader.rendering.describe(cut=False)}"
+    return f"rendered through {describe_chat_template(tokenizer.chat_template)}"
 
 
 def _style(dataset) -> str:

@@ -35,6 +35,15 @@ BUILTIN_CHAT_TEMPLATE = (
 _BUILTIN_SPECIALS = ["<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
 
 
+def describe_chat_template(template: str | None) -> str:
+    """Which chat template this is, in words (for `rlhf data inspect` and the reward models' rendering notes)."""
+    if template == PLAIN_CHAT_TEMPLATE:
+        return "the plain 'User:/Assistant:' chat template, EOS closing each assistant turn"
+    if template == BUILTIN_CHAT_TEMPLATE:
+        return "the builtin chat template, <|user|>/<|assistant|> opening and <|end|> closing each turn"
+    return "its tokenizer's chat template" if template else "no chat template"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("RLHF_CLI_CACHE", Path.home() / ".cache" / "rlhf-cli"))
 

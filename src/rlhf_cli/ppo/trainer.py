@@ -226,6 +226,12 @@ class PPOTrainer:
             check_same_vocabulary(self.tokenizer, judge.model, "ppo.judge.model")
             self.judge_model = AutoModelForSequenceClassification.from_pretrained(judge.model, num_labels=1)
             self.judge_model.requires_grad_(False).eval()
+        # How each reward model reads text: its rendering.json (as `rlhf train-rm` trained it), or None (a model
+        # without one reads the rollout's token ids at the response's last token, as before).
+        self.reward_reader = self._reward_reader(self.reward_model, recipe.ppo.reward.model, "ppo.reward.model",
+                                                 prompts)  # fmt: skip
+        self.judge_reader = self._reward_reader(self.judge_model, judge.model if judge else None, "ppo.judge.model",
+                                                prompts)  # fmt: skip
         policy_params, critic_params = trainable.parameter_groups()
         optimizer = torch.optim.AdamW(
             [{"params": policy_params, "lr": config.learning_rate},
@@ -313,6 +319,36 @@ class PPOTrainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return tokenizer, PolicyAndCritic(policy, critic), ref, reward_model
 
+    def _reward_reader(self, model, path: str | None, what: str, prompts):
+        """A rendering.RewardReader for a reward model saved by `rlhf train-rm` (its rendering.json), else None with
+        a note saying how the model is read instead. Built before DeepSpeed wraps the model (it reads its config)."""
+        if model is None or not path:
+            return None
+        from rlhf_cli.rendering import make_reader, print_note, read_rendering, reward_tokenizer
+
+        rendering = read_rendering(path)
+        if rendering is None:
+            print_note(f"{what} ({path}) has no rendering.json (it was not saved by `rlhf train-rm`), so it is "
+                       "assumed to read the rollout as the policy wrote it: the prompt's token ids (chat template "
+                       "with the generation prompt) + the sampled response, scored at its last token.")  # fmt: skip
+            return None
+        reader = make_reader(rendering, reward_tokenizer(path, self.tokenizer), model)
+        note = reader.note(isinstance(prompts[0]["prompt"], list), "data.train")
+        if note:
+            print_note(note)
+        return reader
+
+    def _scores(self, model, reader, sub: Batch, rows: list[int]) -> torch.Tensor:
+        """Scores of one chunk of the rollout: rendered as the reward model was trained (its reader), or read
+        from the rollout's own token ids at each response's last token."""
+        if reader is None:
+            return reward_scores(model, sub).float()
+        # padding after the first EOS is a special token: decoding leaves it out, and the EOS
+        responses = self.tokenizer.batch_decode(sub.response_ids, skip_special_tokens=True)
+        values = reader.score_responses(model, [self.prompt_texts[i] for i in rows], responses,
+                                        self.accelerator.device, batch_size=len(rows))  # fmt: skip
+        return torch.tensor(values, dtype=torch.float, device=self.accelerator.device)
+
     def _prepare_frozen(self, model):
         """Frozen models join the DeepSpeed run as inference engines (sharded under ZeRO-3), else sit on the device."""
         if model is None:
@@ -377,6 +413,7 @@ class PPOTrainer:
         with timer("forward"):
             for chunk in self._chunks(len(indices)):  # bounded memory: logits are (rows, length, vocab)
                 sub = batch.select(chunk)
+                rows = [indices[i] for i in chunk.tolist()]
                 logits, values = self.model(**sub.inputs())
                 parts["logprobs"].append(response_logprobs(logits, sub, cfg.temperature))
                 parts["values"].append(sub.response_slice(values))
@@ -386,9 +423,9 @@ class PPOTrainer:
                     reference = self.unwrapped.reference_logits(sub.inputs())
                     parts["ref_logprobs"].append(response_logprobs(reference, sub, cfg.temperature))
                 if self.reward_model is not None:
-                    parts["scores"].append(reward_scores(self.reward_model, sub).float())
+                    parts["scores"].append(self._scores(self.reward_model, self.reward_reader, sub, rows))
                 if self.judge_model is not None:
-                    parts["judge_scores"].append(reward_scores(self.judge_model, sub).float())
+                    parts["judge_scores"].append(self._scores(self.judge_model, self.judge_reader, sub, rows))
             rollout = {key: torch.cat(values) for key, values in parts.items() if values}
             if self.rule is not None or self.judge_rule is not None:
                 completions = tok.batch_decode(response_ids, skip_special_tokens=True)

@@ -507,6 +507,10 @@ def train(
 
     with disk_errors_explained(run_dir):
         save_final_model(trainer, recipe, run_dir)
+        if stage.model_kind == "reward" and main_process:  # rendering.json: how pairs became tokens, for its scorers
+            from rlhf_cli.rendering import write_rendering
+
+            write_rendering(run_dir, recipe, trainer.processing_class)
     if main_process:
         summary = _summary(stage, recipe, run_dir, trainer, result, rows, time.time() - started, data)
         write_summary(run_dir, summary)

@@ -46,6 +46,7 @@ from rlhf_cli.stages.generate import (
 )
 
 SAMPLES_FILE = "samples.jsonl"
+PAIR_SCORES_FILE = "pair_scores.jsonl"
 
 
 @dataclass
@@ -61,6 +62,7 @@ class EvalInputs:
     reference: object = None
     reward: Scorer | None = None
     judge: Scorer | None = None
+    pair_scores: list[dict] | None = None  # set by `evaluate`: one row per preference pair, for pair_scores.jsonl
 
 
 def run_eval(recipe: Recipe, *, output_dir: str | None = None, overwrite: bool = False, dry_run: bool = False) -> int:
@@ -114,13 +116,32 @@ def load_inputs(recipe: Recipe) -> EvalInputs:
         inputs.reference, _ = load_causal_lm(companion_spec(recipe.model, spec.reference), recipe.seed,
                                              "eval.reference", conversational=conversational,
                                              tokenizer=inputs.tokenizer)  # fmt: skip
+    # A reward model reads pairs cut at its training max_length (rendering.json) unless eval.max_length is set.
+    explicit_length = spec.max_length if "max_length" in spec.model_fields_set else None
     if spec.reward_model is not None:
         inputs.reward = load_scorer(RewardSpec(model=spec.reward_model), "eval", recipe.model, inputs.tokenizer,
-                                    conversational=conversational, model_key="eval.reward_model")  # fmt: skip
+                                    conversational=conversational, model_key="eval.reward_model",
+                                    max_length=explicit_length, assumed_max_length=spec.max_length)  # fmt: skip
     if spec.judge is not None:
         inputs.judge = load_scorer(spec.judge, "eval.judge", recipe.model, inputs.tokenizer,
-                                   conversational=conversational)  # fmt: skip
+                                   conversational=conversational, max_length=explicit_length,
+                                   assumed_max_length=spec.max_length)  # fmt: skip
+    _style_notes(inputs)
     return inputs
+
+
+def _style_notes(inputs: EvalInputs) -> None:
+    """One note per data source a reward model reads in another style than it was trained on."""
+    from rlhf_cli.rendering import print_note
+
+    for scorer, sources in ((inputs.reward, (("eval.preferences", inputs.pairs), ("eval.prompts", inputs.prompts))),
+                            (inputs.judge, (("eval.prompts", inputs.prompts),))):  # fmt: skip
+        if scorer is None or scorer.reader is None:
+            continue
+        for what, data in sources:
+            note = scorer.reader.note(_is_conversational(data), what) if data is not None else None
+            if note:
+                print_note(note)
 
 
 def _is_conversational(data) -> bool:
@@ -187,10 +208,14 @@ def evaluate(inputs: EvalInputs, recipe: Recipe) -> tuple[dict, list[dict]]:
     rows: list[dict] = []
     with progress_bar() as progress:
         if inputs.pairs is not None:
-            chosen, rejected, chosen_len, rejected_len, cut = score_pairs(inputs.reward, inputs.pairs, spec, progress)
-            results["meta"]["preference pairs truncated"] = _cut_line(cut, len(inputs.pairs))
-            results["reward_model"] = reward_model_metrics(chosen, rejected, chosen_len, rejected_len,
+            scored = score_pairs(inputs.reward, inputs.pairs, spec, progress)
+            reader = inputs.reward.reader
+            results["meta"]["preference pairs truncated"] = _cut_line(sum(scored.cut), len(inputs.pairs),
+                                                                      reader.max_length)  # fmt: skip
+            results["reward_model"] = reward_model_metrics(scored.chosen, scored.rejected, scored.chosen_lengths,
+                                                           scored.rejected_lengths,
                                                            spec.calibration_buckets)  # fmt: skip
+            inputs.pair_scores = scored.rows()
         if inputs.prompts is not None:
             sections, rows = evaluate_policy(inputs, spec, recipe.seed, progress)
             results.update(sections)
@@ -200,8 +225,9 @@ def evaluate(inputs: EvalInputs, recipe: Recipe) -> tuple[dict, list[dict]]:
     return results, rows
 
 
-def _cut_line(cut: int, rows: int) -> str:
-    return f"{cut} of {rows}, longer than eval.max_length: scored on the prompt's end + the response's start"
+def _cut_line(cut: int, rows: int, max_length: int | None = None) -> str:
+    limit = "eval.max_length" if max_length is None else f"{max_length} tokens"
+    return f"{cut} of {rows}, longer than {limit}: scored on the prompt's end + the response's start"
 
 
 def _meta(inputs: EvalInputs, recipe: Recipe) -> dict:
@@ -213,6 +239,11 @@ def _meta(inputs: EvalInputs, recipe: Recipe) -> dict:
                        ("judge", inputs.judge.name if inputs.judge else None)):  # fmt: skip
         if value:
             meta[key] = value
+    for key, scorer in (("reward model", inputs.reward), ("judge", inputs.judge)):
+        if scorer is not None and scorer.reader is not None:
+            rendering = scorer.reader.rendering
+            source = "from its rendering.json" if rendering.recorded else "assumed: no rendering.json"
+            meta[f"{key} rendering"] = f"{rendering.describe(cut=False)} ({source})"
     if inputs.prompts is not None:
         meta["prompts"] = _source_name(spec.prompts)
         meta["prompts evaluated"] = len(inputs.prompts)
@@ -343,40 +374,53 @@ def split_for_scoring(ids: list[int], prompt_length: int, max_length: int) -> tu
     return scoring_split([ids], prompt_length, max_length)[0]
 
 
-def score_pairs(reward: Scorer, pairs, spec: EvalSpec, progress) -> tuple[list[float], list[float], list[int],
-                                                                             list[int], int]:  # fmt: skip
-    """Reward-model scores of every chosen and rejected response, the responses' lengths in tokens, and how many
-    pairs were longer than max_length (cut as RewardTrainer data is: the prompt's end, each response's start)."""
-    import torch
+@dataclass
+class PairScores:
+    """The reward model's scores of preference pairs, in data order, with the responses' lengths in tokens (uncut)
+    and whether each pair was cut to the reward model's max_length."""
 
-    from rlhf_cli.lengths import scoring_split
-    from rlhf_cli.ppo.rollout import reward_scores
+    chosen: list[float]
+    rejected: list[float]
+    chosen_lengths: list[int]
+    rejected_lengths: list[int]
+    cut: list[bool]
 
-    tokenizer = reward.tokenizer
-    max_length = min(spec.max_length, positions_limit(reward.model) or spec.max_length)
+    def rows(self) -> list[dict]:
+        """One row per pair for pair_scores.jsonl (`pair` counts from 1, in the order of the data)."""
+        from rlhf_cli.evaluation.metrics import ties
+
+        tied = ties(self.chosen, self.rejected).tolist()
+        return [{"pair": i + 1, "chosen_score": c, "rejected_score": r, "margin": c - r, "tie": t,
+                 "chosen_tokens": cl, "rejected_tokens": rl, "cut": cut}
+                for i, (c, r, t, cl, rl, cut) in enumerate(zip(self.chosen, self.rejected, tied, self.chosen_lengths,
+                                                                self.rejected_lengths, self.cut))]  # fmt: skip
+
+
+def score_pairs(reward: Scorer, pairs, spec: EvalSpec, progress) -> PairScores:
+    """Reward-model scores of every chosen and rejected response, the responses' lengths in tokens, and which pairs
+    were longer than the reward model's max_length.
+
+    Each pair is rendered as the reward model was trained (`reward.reader`: its rendering.json, or the rendering
+    assumed for a model without one), through `lengths.encode_pair`, cut with training's windows (the prompt's end,
+    each response's start, one prompt cut for both) and scored by the classifier's own forward, as TRL's
+    RewardTrainer scores: the score of the last token that is not the pad token."""
+    reader = reward.reader
     task = progress.add_task("reward model: pairs", total=len(pairs))
-    chosen_scores: list[float] = []
-    rejected_scores: list[float] = []
-    chosen_lengths: list[int] = []
-    rejected_lengths: list[int] = []
-    truncated = 0
+    out = PairScores([], [], [], [], [])
     for rows in chunks(len(pairs), spec.batch_size):
-        queries, answers = [], []
+        sequences = []
         for i in rows:
-            chosen, rejected, shared = pair_ids(tokenizer, pairs[i])
-            chosen_lengths.append(len(chosen) - shared)
-            rejected_lengths.append(len(rejected) - shared)
-            truncated += max(len(chosen), len(rejected)) > max_length
-            for query, answer in scoring_split([chosen, rejected], shared, max_length):  # one prompt cut for both
-                queries.append(query)
-                answers.append(answer)
-        batch = to_batch(queries, answers, tokenizer.pad_token_id, reward.model.device)
-        with torch.no_grad():
-            values = reward_scores(reward.model, batch).float().tolist()
-        chosen_scores.extend(values[0::2])
-        rejected_scores.extend(values[1::2])
+            encoded = reader.encode_pair(pairs[i])
+            chosen, rejected = encoded.sequences
+            out.chosen_lengths.append(len(chosen) - encoded.boundary)
+            out.rejected_lengths.append(len(rejected) - encoded.boundary)
+            out.cut.append(encoded.length > reader.max_length)
+            sequences += reader.cut(encoded)  # chosen, rejected
+        values = reader.score_sequences(reward.model, sequences, reward.model.device, batch_size=len(sequences))
+        out.chosen.extend(values[0::2])
+        out.rejected.extend(values[1::2])
         progress.advance(task, len(rows))
-    return chosen_scores, rejected_scores, chosen_lengths, rejected_lengths, truncated
+    return out
 
 
 # ---------------------------------------------------------------- perplexity
@@ -443,7 +487,7 @@ def _display_prompt(prompt) -> str:
 
 
 def write_outputs(run_dir: Path, results: dict, rows: list[dict], inputs: EvalInputs, spec: EvalSpec) -> None:
-    """PNG plots, eval.json + report.md (which links the plots), samples.jsonl."""
+    """PNG plots, eval.json + report.md (which links the plots), samples.jsonl, pair_scores.jsonl."""
     from rlhf_cli.evaluation import plots
     from rlhf_cli.evaluation.report import write_report
 
@@ -466,10 +510,11 @@ def write_outputs(run_dir: Path, results: dict, rows: list[dict], inputs: EvalIn
             sample_row.update(reference_response=row["reference_response"], reference_score=row.get("reference_score"))
         samples.append(sample_row)
     write_report(run_dir, results, samples)
-    if rows:
-        with (run_dir / SAMPLES_FILE).open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for name, records in ((SAMPLES_FILE, rows), (PAIR_SCORES_FILE, inputs.pair_scores)):
+        if records:
+            with (run_dir / name).open("w", encoding="utf-8") as handle:
+                for row in records:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _print_headline(results: dict, run_dir: Path) -> None:
@@ -500,7 +545,9 @@ def _print_headline(results: dict, run_dir: Path) -> None:
     rm = results.get("reward_model")
     if rm:
         bias = "n/a" if rm["length_bias"] is None else f"{rm['length_bias']:.3f}"
-        headline["reward model on pairs"] = (f"accuracy {rm['accuracy']:.3f}, margin {rm['mean_margin']:.3f}, "
+        accuracy = "n/a" if rm["accuracy"] is None else f"{rm['accuracy']:.3f}"
+        headline["reward model on pairs"] = (f"accuracy {accuracy} (ties left out), ties {rm['ties']} "
+                                             f"({rm['tie_rate']:.1%}), margin {rm['mean_margin']:.3f}, "
                                              f"length bias {bias} ({rm['num_pairs']} pairs)")  # fmt: skip
     for label, value in results.get("perplexity", {}).items():
         headline[f"{label} perplexity"] = f"{value:.3f}"
@@ -526,5 +573,5 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
         plan["demonstrations"] = _source_name(spec.demonstrations)
     if spec.ppo_run is not None:
         plan["ppo run"] = spec.ppo_run
-    plan["writes"] = f"{run_dir}/{{{RESOLVED_RECIPE}, eval.json, report.md, *.png, {SAMPLES_FILE}}}"
+    plan["writes"] = f"{run_dir}/{{{RESOLVED_RECIPE}, eval.json, report.md, *.png, {SAMPLES_FILE}, {PAIR_SCORES_FILE}}}"
     show_plan("Evaluation — plan", plan)

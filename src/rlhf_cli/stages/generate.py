@@ -87,28 +87,52 @@ class Scorer:
     model: object = None
     tokenizer: object = None
     rule: object = None
-    reads_policy_ids: bool = False  # the reward model's tokenizer is the policy's: score the sampled ids as they are
+    reads_policy_ids: bool = False  # no rendering.json, and the policy's tokenizer: score the sampled ids as they are
+    reader: object = None  # rlhf_cli.rendering.RewardReader: how the reward model reads text (recorded or assumed)
 
 
 def load_scorer(spec: RewardSpec, what: str, policy_spec: ModelSpec | None, policy_tokenizer, *,
-                conversational: bool, model_key: str | None = None) -> Scorer:  # fmt: skip
+                conversational: bool, model_key: str | None = None, max_length: int | None = None,
+                assumed_max_length: int = 512) -> Scorer:  # fmt: skip
     """Import the rule, or load the reward model and its tokenizer; everything checked here, before any output.
-    `what` is the recipe section (messages name `what.function` / `what.model`, or `model_key` when given)."""
+    `what` is the recipe section (messages name `what.function` / `what.model`, or `model_key` when given).
+
+    A reward model saved by `rlhf train-rm` reads text as its rendering.json says (rlhf_cli.rendering), cut at its
+    training max_length unless `max_length` (a limit the recipe sets) is given; one without the record is assumed
+    to read the data's own style, cut at `assumed_max_length`, and a note says so."""
     if spec.function:
         from rlhf_cli.rewards import load_rule_reward
 
         rule = load_rule_reward(spec.function, f"{what}.function")
         return Scorer(name=spec.function, what=f"{what}.function", rule=rule)
     from rlhf_cli.models import load_model, load_tokenizer, tokenizer_mismatch
+    from rlhf_cli.rendering import (
+        RENDERING_FILE,
+        assumed_rendering,
+        make_reader,
+        missing_record_note,
+        print_note,
+        read_rendering,
+    )
 
     key = model_key or f"{what}.model"
     model_spec = companion_spec(policy_spec, spec.model)
     check_architecture(spec.model, "reward", key)
+    rendering = read_rendering(spec.model)
     tokenizer = load_tokenizer(model_spec, spec.model, conversational=conversational)
     model = load_model(model_spec, spec.model, "reward", tokenizer).eval().to(device())
-    reads_policy_ids = policy_tokenizer is not None and tokenizer_mismatch(policy_tokenizer, tokenizer) is None
-    return Scorer(name=spec.model, what=key, model=model, tokenizer=tokenizer,
-                  reads_policy_ids=reads_policy_ids)  # fmt: skip
+    if rendering is None:
+        rendering = assumed_rendering(tokenizer, conversational=conversational, max_length=assumed_max_length)
+        print_note(missing_record_note(key, spec.model, rendering))
+        max_length = assumed_max_length
+    elif max_length is not None and max_length != rendering.max_length:
+        print_note(f"{key} ({spec.model}) was trained on pairs cut to {rendering.max_length} tokens ({RENDERING_FILE});"
+                   f" the recipe's max_length cuts them at {max_length} instead.")  # fmt: skip
+    reader = make_reader(rendering, tokenizer, model, max_length=max_length)
+    reads_policy_ids = (not rendering.recorded and policy_tokenizer is not None
+                        and tokenizer_mismatch(policy_tokenizer, tokenizer) is None)  # fmt: skip
+    return Scorer(name=spec.model, what=key, model=model, tokenizer=tokenizer, reads_policy_ids=reads_policy_ids,
+                  reader=reader)  # fmt: skip
 
 
 # ---------------------------------------------------------------- prompts and batches
@@ -252,10 +276,12 @@ def score(scorer: Scorer, prompts: list, responses: Responses, *, max_prompt_len
           progress=None, label: str = "scoring") -> list[float]:  # fmt: skip
     """The reward of every (prompt, response).
 
-    A reward model reads prompt + response at the response's last token, as in PPO. When it shares the policy's
-    tokenizer it reads the sampled token ids themselves; otherwise prompt and response are re-tokenized with its own
-    tokenizer (the prompt through its chat template) and a finished response gets its EOS back. A rule gets the
-    prompts as in the data and the decoded responses.
+    A reward model saved by `rlhf train-rm` reads prompt + decoded response rendered as in its training
+    (rendering.json: the same template, EOS and windows, through `lengths.encode_pair`), its score read as training
+    read it. A reward model without the record reads prompt + response at the response's last token, as in PPO:
+    when it shares the policy's tokenizer the sampled token ids themselves, otherwise prompt and response
+    re-tokenized with its own tokenizer (the prompt through its chat template), a finished response with its EOS
+    back. A rule gets the prompts as in the data and the decoded responses.
     """
     task = progress.add_task(label, total=len(prompts)) if progress is not None else None
     if scorer.rule is not None:
@@ -273,6 +299,16 @@ def score(scorer: Scorer, prompts: list, responses: Responses, *, max_prompt_len
             raise UserError(f"{scorer.what} {scorer.name!r} returned something that is not a number.") from None
         if task is not None:
             progress.advance(task, len(prompts))
+        return values
+
+    if scorer.reader is not None and scorer.reader.rendering.recorded:
+        values = []
+        for rows in chunks(len(prompts), batch_size):
+            values.extend(scorer.reader.score_responses(scorer.model, [prompts[i] for i in rows],
+                                                        [responses.texts[i] for i in rows], scorer.model.device,
+                                                        batch_size))  # fmt: skip
+            if task is not None:
+                progress.advance(task, len(rows))
         return values
 
     import torch
@@ -334,6 +370,11 @@ def run_generate(recipe: Recipe, *, output_dir: str | None = None, overwrite: bo
         scorer = None
         if spec.reward is not None:
             scorer = load_scorer(spec.reward, "generate.reward", recipe.model, tokenizer, conversational=conversational)
+            style_note = scorer.reader.note(conversational, "generate.prompts") if scorer.reader else None
+            if style_note:
+                from rlhf_cli.rendering import print_note
+
+                print_note(style_note)
         chosen = choose_prompts(len(dataset), spec.num_prompts, recipe.seed)
         prompts = [dataset[i]["prompt"] for i in chosen for _ in range(spec.num_samples)]
         queries = encode_prompts({"prompt": prompts}, tokenizer, prompt_budget(model, spec))
