@@ -298,10 +298,14 @@ class RewardReader:
         return encode_pair(self.tokenizer, styled)
 
     def encode_response(self, prompt, response: str):
-        """One sampled response to `prompt` (as in the data), tokenized as training tokenized a chosen response."""
+        """One sampled response to `prompt` (as in the data), tokenized as training tokenized a chosen response.
+        Answering a conversation it becomes the assistant's message, less the one space a model writes after a
+        generation prompt such as 'Assistant:' (a message's content does not start with it)."""
         from rlhf_cli.lengths import Encoded
 
-        answer = [{"role": "assistant", "content": response}] if isinstance(prompt, list) else response
+        answer: str | list = response
+        if isinstance(prompt, list):
+            answer = [{"role": "assistant", "content": response.removeprefix(" ")}]
         encoded = self.encode_pair({"prompt": prompt, "chosen": answer, "rejected": answer})
         return Encoded(encoded.sequences[:1], encoded.boundary)
 
