@@ -9,9 +9,14 @@ import sys
 from functools import wraps
 from typing import Annotated, Optional
 
-import typer
+from rlhf_cli import interrupts
 
-from rlhf_cli.errors import UserError
+if __name__ == "__main__" or sys.argv[0].endswith("rlhf"):
+    interrupts.install(early=True)  # the command is starting: a signal during the imports below exits at once
+
+import typer  # noqa: E402
+
+from rlhf_cli.errors import UserError  # noqa: E402
 
 app = typer.Typer(
     name="rlhf",
@@ -410,9 +415,7 @@ def data_inspect(
 
 
 def main() -> None:
-    from rlhf_cli import interrupts
-
-    interrupts.install()  # SIGTERM during start-up: exit 130 with a line, not a silent 143
+    interrupts.install(early=True)  # SIGTERM during start-up: exit 130 with a line, not a silent 143
     app()
 
 

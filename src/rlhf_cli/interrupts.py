@@ -1,6 +1,8 @@
 """Ctrl-C and SIGTERM at any moment: one line and exit code 130, never a traceback or a run that carries on.
 
-`install()` runs first thing in the `rlhf` command. Both signals then raise KeyboardInterrupt in the main thread
+`install(early=True)` runs first thing in the `rlhf` process: a signal while it imports and parses its arguments
+exits at once with 130 (nothing is written by then). `install()` runs when the command begins. Both signals then
+raise KeyboardInterrupt in the main thread
 (SIGTERM would otherwise kill the process with 143 and no word), and the last one is remembered: a library that
 swallows the KeyboardInterrupt during start-up cannot make the run carry on, because training checks
 `requested()` before its first step, and the CLI reports any failure after a signal as the interruption it was.
@@ -9,7 +11,9 @@ Once training runs, the stages install their own handlers (checkpoint at the end
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 _received: list[int] = []
@@ -20,12 +24,21 @@ def _handler(signum, frame):
     raise KeyboardInterrupt
 
 
-def install() -> None:
+def _exit_at_once(signum, frame):
+    """Before a command has begun, nothing is written yet: stop without unwinding half-imported modules."""
+    sys.stderr.write("Error: Interrupted before the command started; nothing was written.\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def install(*, early: bool = False) -> None:
+    """`early`: the process is still importing and parsing its arguments (exit at once); otherwise a command is
+    running (raise KeyboardInterrupt, so it can leave its run directory in order)."""
     reset()
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers (e.g. a test runner thread)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _handler)
+        signal.signal(sig, _exit_at_once if early else _handler)
 
 
 def requested() -> bool:
