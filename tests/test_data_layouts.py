@@ -16,26 +16,11 @@ from rlhf_cli.cli import app
 from rlhf_cli.data import DataReport, load_data, load_data_with_report
 from rlhf_cli.errors import UserError
 from rlhf_cli.recipe import DataSource
+from test_data import assistant, user, write_json, write_jsonl
 
 ALPACA_EVAL_WINNER = {"column": "preference", "responses": ["output_1", "output_2"], "first": 1, "second": 2, "tie": 0}
 
 
-def user(content):
-    return {"role": "user", "content": content}
-
-
-def assistant(content):
-    return {"role": "assistant", "content": content}
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
-def write_json(path: Path, rows: list[dict]) -> Path:
-    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    return path
 
 
 def load(path: Path, kind: str, **fields) -> tuple[list[dict], DataReport]:

@@ -7,7 +7,6 @@ what happened: 3 divergence, 2 bad input or unusable output location, 130 interr
 
 import fcntl
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -153,18 +152,24 @@ def test_overwrite_never_deletes_a_folder_of_the_users_files(tmp_path):
 # ---------------------------------------------------------------- one writer
 
 
+def lock_in_another_process(run_dir: Path) -> subprocess.Popen:
+    """A process holding run_dir's lock as a live run does (its pid inside); kill it to release the lock."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"h = open({str(run_dir / '.rlhf-lock')!r}, 'a+')\n"
+        "fcntl.flock(h, fcntl.LOCK_EX)\nh.seek(0); h.truncate(); h.write(str(os.getpid())); h.flush()\n"
+        "print('locked', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     out = tmp_path / "out"
     assert invoke("sft", str(TINY / "sft.yaml"), "-o", str(out), "--set", "training.max_steps=2").exit_code == 0
     before = run_files(out)
     # Another process holds the run's lock (a live run); it is released by the OS when that process ends.
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"h = open({str(out / '.rlhf-lock')!r}, 'a+')\n"
-        "fcntl.flock(h, fcntl.LOCK_EX)\nh.seek(0); h.truncate(); h.write(str(os.getpid())); h.flush()\n"
-        "print('locked', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = lock_in_another_process(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         for flags in (["--overwrite"], ["--resume"]):
             result = invoke("sft", str(TINY / "sft.yaml"), "-o", str(out), *flags)
             flat = " ".join(result.output.split())
@@ -336,13 +341,8 @@ def test_a_run_directory_holding_only_its_bookkeeping_is_reused(tmp_path):
 def test_a_second_pipeline_on_the_same_directory_is_refused(tmp_path):
     out = tmp_path / "pipe"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"h = open({str(out / '.rlhf-lock')!r}, 'a+')\n"
-        "fcntl.flock(h, fcntl.LOCK_EX)\nh.seek(0); h.truncate(); h.write(str(os.getpid())); h.flush()\n"
-        "print('locked', flush=True)\ntime.sleep(60)\n")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = lock_in_another_process(out)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         flat = assert_clean_failure(["pipeline", str(TINY / "pipeline.yaml"), "-o", str(out)], "in use",
                                     f"pid {holder.pid}")  # fmt: skip
         assert "stage sft" not in flat

@@ -8,29 +8,20 @@ trained on conversations and for one trained on plain text, with pairs long enou
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, TINY
+from conftest import TINY
 from rlhf_cli.cli import app
+from test_eval_e2e import rlhf
 
-RLHF = [sys.executable, "-m", "rlhf_cli.cli"]
 MAX_LENGTH = 24  # short enough that many tiny pairs are cut
 RM_FAST = ["--set", "data.train.limit=32", "--set", f"data.max_length={MAX_LENGTH}", "--set", "training.max_steps=3",
            "--set", "training.per_device_train_batch_size=8", "--set", "training.logging_steps=1"]  # fmt: skip
 
 
-def rlhf(*commands: list[str]) -> None:
-    """Run `rlhf` commands side by side and wait for all."""
-    processes = [subprocess.Popen([*RLHF, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  cwd=REPO) for args in commands]  # fmt: skip
-    for args, process in zip(commands, processes):
-        output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, f"rlhf {' '.join(args)} failed:\n{output}"
 
 
 def invoke(*args) -> str:

@@ -157,10 +157,10 @@ def source_lines(item: Source, *, examples: int = 2, tokenizers: dict | None = N
     if item.note is not None:
         lines.append(f"  on_too_long    {item.note}")
     elif item.limit_key.startswith("data."):
-        lines.append(f"  on_too_long    {item.on_too_long}: {_action(lengths, item, report.format)}")
+        lines.append(f"  on_too_long    {item.on_too_long}: {lengths.action(item.kind, report.format)}")
         lines.append(f"  to the trainer {lengths.kept} rows ({lengths.truncated} truncated, {lengths.dropped} dropped)")
     else:  # eval / generate: no on_too_long, a longer row is always cut
-        lines.append(f"  longer rows    {_action(lengths, item, report.format)}")
+        lines.append(f"  longer rows    {lengths.action(item.kind, report.format)}")
     for number, position in enumerate(_example_positions(fitted, encodings, examples), 1):
         lines += [""] + _render(number, fitted.indices[position], encodings[fitted.indices[position]],
                                 fitted.encodings[position], tokenizer, item.kind)  # fmt: skip
@@ -194,25 +194,6 @@ def _style(dataset) -> str:
 def _mapping(columns: dict[str, str]) -> str:
     parts = [name if source == name else f"{name} <- {source}" for name, source in columns.items()]
     return ", ".join(parts) or "(none)"
-
-
-def _action(lengths, item: Source, fmt: str) -> str:
-    if not lengths.too_long:
-        return f"every row fits {item.limit_key} = {item.max_length}"
-    share = f"{lengths.too_long} of {lengths.rows_in} rows are longer than {item.limit_key} = {item.max_length}"
-    if item.on_too_long == "error":
-        row, length = lengths.first_too_long
-        return f"{share}; the run would stop (first: row {row}, {length} tokens)"
-    if item.on_too_long == "drop":
-        return f"{share}; they are dropped"
-    if item.kind == "prompt":
-        return f"{share}; each keeps its last {item.max_length} tokens"
-    if item.kind == "sft" and fmt == "text":
-        return f"{share}; each keeps its first {item.max_length} tokens"
-    if item.kind == "sft":
-        return (f"{share}; each keeps its prompt's end and its completion's start (a conversation: the end of the "
-                "turns before its last assistant turn, and the start of that turn)")  # fmt: skip
-    return f"{share}; each keeps the prompt's end and each response's start"
 
 
 def _example_positions(fitted, encodings, count: int) -> list[int]:

@@ -194,17 +194,25 @@ class LengthReport:
             "end and each response's start) or drop (leave those rows out)."
         )
 
-    def action(self) -> str:
-        """What `on_too_long` does (or would do) with this data, in one line."""
+    def action(self, kind: str = "preference", text_format: str | None = None) -> str:
+        """What `on_too_long` does (or would do) with this data, in one line; `kind` and `text_format` say which
+        end of a row is kept."""
         if not self.too_long:
             return f"every row fits {self.limit_key} = {self.max_length}"
-        share = f"{self.too_long} of {self.rows_in} rows longer than {self.limit_key} = {self.max_length}"
+        share = f"{self.too_long} of {self.rows_in} rows are longer than {self.limit_key} = {self.max_length}"
         if self.on_too_long == "error":
             row, length = self.first_too_long
-            return f"{share}: on_too_long error stops the run (first: row {row}, {length} tokens)"
+            return f"{share}; the run would stop (first: row {row}, {length} tokens)"
         if self.on_too_long == "drop":
-            return f"{share}: dropped ({self.kept} kept)"
-        return f"{share}: truncated (prompt end + response start)"
+            return f"{share}; they are dropped"
+        if kind == "prompt":
+            return f"{share}; each keeps its last {self.max_length} tokens"
+        if kind == "sft" and text_format == "text":
+            return f"{share}; each keeps its first {self.max_length} tokens"
+        if kind == "sft":
+            return (f"{share}; each keeps its prompt's end and its completion's start (a conversation: the end of "
+                    "the turns before its last assistant turn, and the start of that turn)")  # fmt: skip
+        return f"{share}; each keeps the prompt's end and each response's start"
 
 
 def warn(report: LengthReport | None) -> None:

@@ -7,7 +7,6 @@ frozen. Reference log-probs, values and scores are computed once per rollout, ne
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import os

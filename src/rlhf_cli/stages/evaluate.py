@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE
+from rlhf_cli.lengths import common_prefix
 from rlhf_cli.recipe import EvalSpec, Recipe, RewardSpec, recipe_to_yaml
 from rlhf_cli.rundir import METRICS_FILE, RunDirectory
 from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
@@ -42,7 +43,6 @@ from rlhf_cli.stages.generate import (
     score,
     sequence_logprobs,
     show_plan,
-    to_batch,
 )
 
 SAMPLES_FILE = "samples.jsonl"
@@ -341,15 +341,6 @@ def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int, progress) -> 
 
 
 # ---------------------------------------------------------------- reward model on pairs
-
-
-def common_prefix(one: list[int], other: list[int]) -> int:
-    length = 0
-    for a, b in zip(one, other):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 def chat_ids(tokenizer, messages: list, *, generation_prompt: bool = False) -> list[int]:
