@@ -257,18 +257,21 @@ def test_an_unwritable_output_location_is_one_paragraph(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig, times", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)])
 @pytest.mark.parametrize("delay", [0.2, 1.0, 2.5, 6.0])
-def test_a_signal_during_start_up_exits_130_and_leaves_nothing_half_made(tmp_path, sig, delay):
+def test_a_signal_during_start_up_exits_130_and_leaves_nothing_half_made(tmp_path, sig, times, delay):
+    """Once or twice (a user insisting: the second Ctrl-C stops without saving), at varied moments."""
     out = tmp_path / "out"
     process = subprocess.Popen([*RLHF, "sft", str(TINY / "sft.yaml"), "-o", str(out)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     time.sleep(delay)
-    process.send_signal(sig)
+    for _ in range(times):
+        process.send_signal(sig)
+        time.sleep(0.05)
     stdout, stderr = process.communicate(timeout=300)
     if process.returncode == 0:  # it finished before the signal: nothing to check
         return
-    assert process.returncode == 130, stdout + stderr
+    assert process.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "Traceback" not in stderr, stderr
     assert "nterrupted" in stdout + stderr
     # Either nothing, or a run that --resume accepts.

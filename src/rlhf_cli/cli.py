@@ -416,7 +416,10 @@ def data_inspect(
 
 def main() -> None:
     interrupts.install(early=True)  # SIGTERM during start-up: exit 130 with a line, not a silent 143
-    app()
+    try:
+        app()
+    finally:
+        interrupts.ignore_from_now()  # the command has ended: a late Ctrl-C must not kill the exit half way
 
 
 if __name__ == "__main__":

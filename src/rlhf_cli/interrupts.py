@@ -15,12 +15,22 @@ import os
 import signal
 import sys
 import threading
+import time
 
 _received: list[int] = []
 
 
+_raised_at: list[float] = []
+# A second signal this soon after the first (a double tap, or the launcher's SIGTERM after a Ctrl-C) is only noted:
+# raising again would cut short the clean-up the first one started (removing a half-made run directory).
+SETTLE_SECONDS = 3.0
+
+
 def _handler(signum, frame):
     _received.append(signum)
+    if _raised_at and time.monotonic() - _raised_at[-1] < SETTLE_SECONDS:
+        return
+    _raised_at.append(time.monotonic())
     raise KeyboardInterrupt
 
 
@@ -41,6 +51,14 @@ def install(*, early: bool = False) -> None:
         signal.signal(sig, _exit_at_once if early else _handler)
 
 
+def ignore_from_now() -> None:
+    """The command is exiting because of a signal: a repeat of it must not kill the process half way through its
+    exit (Python restores the default handlers while it shuts down)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def requested() -> bool:
     """A Ctrl-C or SIGTERM arrived since the command started."""
     return bool(_received)
@@ -57,3 +75,4 @@ def note(signum: int) -> None:
 
 def reset() -> None:
     _received.clear()
+    _raised_at.clear()
