@@ -112,7 +112,7 @@ def test_fit_rows_drop_and_error():
                                         r"row 2 \(6 tokens\)"):  # fmt: skip
         fit_rows(_rows(), max_length=4, on_too_long="error", what="data.train")
     inspected = fit_rows(_rows(), max_length=4, on_too_long="error", what="data.train", check=False)
-    assert inspected.report.too_long == 2 and "stops the run" in inspected.report.action()
+    assert inspected.report.too_long == 2 and "the run would stop (first: row 2, 6 tokens)" in inspected.report.action()
     with pytest.raises(UserError, match="no row is left"):
         fit_rows(_rows()[1:], max_length=4, on_too_long="drop", what="data.train")
 
