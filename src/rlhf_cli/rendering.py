@@ -113,22 +113,6 @@ class Rendering:
 # ---------------------------------------------------------------- writing and reading the record
 
 
-def _first_pair(recipe) -> tuple[dict | None, str | None]:
-    """(the first training pair as the trainer got it, the format the loader read), or (None, None)."""
-    from rlhf_cli.data import load_data_with_report
-
-    source = recipe.data.train
-    for limit in (64, None):  # a few rows suffice unless the first ones were all dropped
-        capped = source if limit is None or (source.limit is not None and source.limit <= limit) else \
-            source.model_copy(update={"limit": limit})  # fmt: skip
-        try:
-            dataset, report = load_data_with_report(capped, "preference", what="data.train")
-        except UserError:
-            continue
-        return dataset[0], report.format
-    return None, None
-
-
 def rendering_for_training(recipe, tokenizer, row: dict | None, data_format: str | None) -> Rendering:
     """The rendering `rlhf train-rm` used for `recipe` with `tokenizer` (its training tokenizer), given a pair of
     its data as loaded (`row`) and the format read."""
@@ -153,9 +137,9 @@ def rendering_for_training(recipe, tokenizer, row: dict | None, data_format: str
     )
 
 
-def write_rendering(run_dir, recipe, tokenizer) -> Path:
-    """Write rendering.json for a reward model `rlhf train-rm` trained with `tokenizer` on `recipe`'s data."""
-    row, data_format = _first_pair(recipe)
+def write_rendering(run_dir, recipe, tokenizer, row: dict | None, data_format: str | None) -> Path:
+    """Write rendering.json for a reward model `rlhf train-rm` trained with `tokenizer` on `recipe`'s data, given
+    one pair of that data as loaded (`row`) and the format the loader read."""
     rendering = rendering_for_training(recipe, tokenizer, row, data_format)
     path = Path(run_dir) / RENDERING_FILE
     path.write_text(json.dumps(rendering.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -510,7 +510,7 @@ def train(
         if stage.model_kind == "reward" and main_process:  # rendering.json: how pairs became tokens, for its scorers
             from rlhf_cli.rendering import write_rendering
 
-            write_rendering(run_dir, recipe, trainer.processing_class)
+            write_rendering(run_dir, recipe, trainer.processing_class, data.train[0], data.reports["train"].format)
     if main_process:
         summary = _summary(stage, recipe, run_dir, trainer, result, rows, time.time() - started, data)
         write_summary(run_dir, summary)
