@@ -82,14 +82,19 @@ def test_the_builtin_model_embeds_the_tokenizer_it_is_given_and_is_cached_per_to
     assert own not in (one, other)
 
 
+
+def train_with_tokenizer(command: str, recipe: str, out: Path, tokenizer_folder: Path) -> None:
+    """Two quick steps of a tiny recipe on the builtin model with `tokenizer_folder` as model.tokenizer."""
+    result = CliRunner().invoke(app, [command, str(TINY / recipe), "-o", str(out),
+                                      "--set", f"model.tokenizer={tokenizer_folder}", "--set", "data.train.limit=16",
+                                      "--set", "training.max_steps=2",
+                                      "--set", "training.per_device_train_batch_size=8"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
 def test_train_rm_on_the_builtin_with_a_handmade_tokenizer(tmp_path):
     folder = handmade_bpe(tmp_path / "bpe")
     out = tmp_path / "rm"
-    result = CliRunner().invoke(app, ["train-rm", str(TINY / "rm.yaml"), "-o", str(out), "--set",
-                                      f"model.tokenizer={folder}", "--set", "data.train.limit=16", "--set",
-                                      "training.max_steps=2", "--set",
-                                      "training.per_device_train_batch_size=8"])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    train_with_tokenizer("train-rm", "rm.yaml", out, folder)
     from transformers import AutoConfig, AutoTokenizer
 
     assert AutoConfig.from_pretrained(out).vocab_size == len(AutoTokenizer.from_pretrained(out)) == 262
@@ -119,11 +124,7 @@ def test_the_real_gpt2_tokenizer_loads_from_its_two_files(shared_dir):
 def test_sft_on_the_builtin_with_the_real_gpt2_tokenizer(shared_dir, tmp_path):
     folder = shared_dir / "models" / "gpt2-tokenizer"
     out = tmp_path / "sft"
-    result = CliRunner().invoke(app, ["sft", str(TINY / "sft.yaml"), "-o", str(out), "--set",
-                                      f"model.tokenizer={folder}", "--set", "data.train.limit=16", "--set",
-                                      "training.max_steps=2", "--set",
-                                      "training.per_device_train_batch_size=8"])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    train_with_tokenizer("sft", "sft.yaml", out, folder)
     from transformers import AutoConfig, AutoTokenizer
 
     assert AutoConfig.from_pretrained(out).vocab_size == 50257

@@ -75,8 +75,11 @@ SetOpt = Annotated[
 OutputOpt = Annotated[
     Optional[str], typer.Option("--output-dir", "-o", help="Run directory; overrides the recipe's output_dir.")
 ]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the output directory.")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace a previous run of rlhf in the output directory; it is deleted only once the new run "
+    "succeeds. A folder rlhf did not create (no .rlhf-run marker) is never replaced.")]  # fmt: skip
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue from the newest complete checkpoint in the output directory.")]  # fmt: skip
 DryRunOpt = Annotated[
     bool, typer.Option("--dry-run", help="Validate, print the trainer config and launch command; start nothing.")
 ]
