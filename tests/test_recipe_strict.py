@@ -144,3 +144,24 @@ def test_processes_and_bf16_are_checked_against_the_machine(tmp_path):
     assert "not checked against this machine" in check_hardware(gpu_recipe, Hardware(gpus=0), planning=True)
     with pytest.raises(UserError, match="no GPU"):
         check_hardware(gpu_recipe, Hardware(gpus=0))
+
+
+@pytest.mark.parametrize("setting, fragment", [
+    ("divergence.loss_spike=0.5", "divergence.loss_spike"),
+    ("divergence.loss_spike=.inf", "must be a finite number"),
+    ("divergence.spike_window=0", "divergence.spike_window"),
+    ("divergence.loss_spik=10", "Did you mean 'loss_spike'?"),
+])  # fmt: skip
+def test_bad_divergence_settings_are_refused(tmp_path, setting, fragment):
+    assert_clean_failure(validate(tiny_recipe(tmp_path), setting), fragment)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["/no/such/recipe.yaml"], "does not exist"),
+    (["RECIPE", "--set", "data.on_too_long=cut"], "data.on_too_long"),
+    (["RECIPE", "--stage", "nonsense"], "cannot tell which stage"),
+    (["RECIPE", "--set", "data.train.path=missing.jsonl"], "does not exist"),
+])  # fmt: skip
+def test_data_inspect_refuses_bad_input_with_one_paragraph(tmp_path, args, fragment):
+    path = str(tiny_recipe(tmp_path))
+    assert_clean_failure(["data", "inspect", *[path if a == "RECIPE" else a for a in args]], fragment)
