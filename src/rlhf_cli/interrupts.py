@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 _received: list[int] = []
 
 
@@ -38,7 +39,7 @@ def _exit_at_once(signum, frame):
     """Before a command has begun, nothing is written yet: stop without unwinding half-imported modules."""
     sys.stderr.write("Error: Interrupted before the command started; nothing was written.\n")
     sys.stderr.flush()
-    os._exit(130)
+    os._exit(INTERRUPTED_EXIT_CODE)
 
 
 def install(*, early: bool = False) -> None:

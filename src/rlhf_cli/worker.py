@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return train(stage, recipe, run_dir, trainer_config_kwargs(stage, recipe, run_dir, plan, data), data,
                      resume=args.resume, run=None)  # fmt: skip
     except KeyboardInterrupt:  # a signal before training started (during it, the stage saves and returns 130)
-        return 130
+        return interrupts.INTERRUPTED_EXIT_CODE
     except UserError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         # The launcher reports any failure as 1; this marker tells the parent it was a bad input (exit code 2).

@@ -20,6 +20,8 @@ import torch
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.alarms import Alarm, AlarmConfig, AlarmMonitor
+from rlhf_cli.guard import DIVERGED_EXIT_CODE, Divergence, divergence_message, non_finite
+from rlhf_cli.interrupts import INTERRUPTED_EXIT_CODE
 from rlhf_cli.ppo.config import PPOConfig
 from rlhf_cli.ppo.losses import (
     adaptive_kl_beta,
@@ -43,12 +45,11 @@ from rlhf_cli.ppo.rollout import (
     reward_scores,
 )
 from rlhf_cli.recipe import Recipe
-from rlhf_cli.rewards import load_rule_reward  # noqa: F401 (also imported from here)
-from rlhf_cli.guard import DIVERGED_EXIT_CODE, Divergence, divergence_message, non_finite
+from rlhf_cli.rewards import load_rule_reward
 from rlhf_cli.rundir import METRICS_FILE, dumps, interrupt_callback, last_checkpoint, mark_checkpoint_complete
 
 
-ALARM_EXIT_CODE = 3
+ALARM_EXIT_CODE = DIVERGED_EXIT_CODE  # one code, 3, for every alarm: divergence or reward hacking
 # A step whose losses, gradient norm, rewards or KL are not finite has poisoned the weights (or the reward model
 # gives NaN): the run stops there.
 _MUST_BE_FINITE = ("policy_loss", "value_loss", "grad_norm", "score", "kl", "entropy")  # a run stopped on purpose by `ppo.alarms.mode: stop`
@@ -598,7 +599,7 @@ class PPOTrainer:
                     if main:
                         console.print(f"Interrupted: checkpoint saved in {checkpoint}."
                                       " Continue with the same command and --resume.")  # fmt: skip
-                    return 130
+                    return INTERRUPTED_EXIT_CODE
         self.save_final(time.time() - started)
         return 0
 

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rlhf_cli.console import make_console, print_yaml
 from rlhf_cli.errors import UserError
 from rlhf_cli.guard import DIVERGED_EXIT_CODE, divergence_message, install_trainer_guard
+from rlhf_cli.interrupts import INTERRUPTED_EXIT_CODE
 from rlhf_cli.launch import DEEPSPEED_CONFIG, RESOLVED_RECIPE, WORKER_INPUT_ERROR, Hardware, LaunchPlan, plan_launch
 from rlhf_cli.preflight import check_hardware
 from rlhf_cli.recipe import Recipe, recipe_to_yaml
@@ -35,7 +36,6 @@ from rlhf_cli.rundir import (
     write_summary,
 )
 
-INTERRUPTED_EXIT_CODE = 130
 
 
 @dataclass(frozen=True)
