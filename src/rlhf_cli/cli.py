@@ -20,8 +20,8 @@ from rlhf_cli.errors import UserError  # noqa: E402
 
 app = typer.Typer(
     name="rlhf",
-    help="RLHF on the Hugging Face stack: supervised fine-tuning, reward models, PPO and evaluation, each from one "
-    "YAML recipe.",
+    help="RLHF on the Hugging Face stack: supervised fine-tuning, reward models, PPO, DPO/KTO and evaluation, each "
+    "from one YAML recipe.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -88,7 +88,8 @@ PlanOpt = Annotated[
 ]
 StageOpt = Annotated[
     Optional[str],
-    typer.Option("--stage", help="sft, rm, ppo, eval or generate; default: the recipe's own `stage:` key."),
+    typer.Option("--stage", help="sft, rm, ppo, dpo, kto, eval or generate; default: the recipe's own `stage:` "
+                 "key."),
 ]
 
 
@@ -136,13 +137,14 @@ def _run(stage_name: str, recipe: str, overrides, output_dir, overwrite, resume,
     from functools import partial
 
     from rlhf_cli.recipe import load_recipe
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.stages import stage_for
     from rlhf_cli.stages.common import run_stage
     from rlhf_cli.stages.ppo import run_ppo
 
-    run = run_ppo if stage_name == "ppo" else partial(run_stage, STAGES[stage_name])
-    code = run(load_recipe(recipe, stage_name, overrides or []), output_dir=output_dir, overwrite=overwrite,
-               resume=resume, dry_run=dry_run, cli_argv=["rlhf", *sys.argv[1:]])  # fmt: skip
+    loaded = load_recipe(recipe, stage_name, overrides or [])
+    run = run_ppo if stage_name == "ppo" else partial(run_stage, stage_for(loaded, stage_name))
+    code = run(loaded, output_dir=output_dir, overwrite=overwrite, resume=resume, dry_run=dry_run,
+               cli_argv=["rlhf", *sys.argv[1:]])  # fmt: skip
     if code:
         raise typer.Exit(code)
 
@@ -198,6 +200,43 @@ def ppo(
     (and the critic in critic/).
     """
     _run("ppo", recipe, overrides, output_dir, overwrite, resume, dry_run)
+
+
+@app.command()
+@user_errors
+def dpo(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """Direct preference optimisation: train the policy on preference pairs against a frozen reference (TRL
+    DPOTrainer, every loss_type); `dpo.algorithm: orpo | simpo` for the reference-free variants.
+
+    Data: any preference format train-rm reads (pairs with or without a prompt, conversations, HH transcripts, two
+    outputs + a winner column, rankings). Saves a causal LM that loads with AutoModelForCausalLM. See docs/dpo.md.
+    """
+    _run("dpo", recipe, overrides, output_dir, overwrite, resume, dry_run)
+
+
+@app.command()
+@user_errors
+def kto(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
+) -> None:
+    """KTO: train the policy on unpaired thumbs-up / thumbs-down rows against a frozen reference (TRL KTOTrainer).
+
+    Data: prompt + completion + a boolean label, or preference pairs (each split into a desirable and an
+    undesirable row). Class weights follow the label balance unless training: sets them. See docs/dpo.md.
+    """
+    _run("kto", recipe, overrides, output_dir, overwrite, resume, dry_run)
 
 
 @app.command("eval")
@@ -274,8 +313,8 @@ def _load_for_inspection(recipe: str, stage: str | None, overrides):
     chosen = stage or raw.get("stage")
     if chosen not in RECIPE_STAGES:
         raise UserError(
-            f"{recipe}: cannot tell which stage this recipe is for; add `stage: sft`, `stage: rm`, `stage: ppo`, "
-            "`stage: eval` or `stage: generate` to it, or pass --stage."
+            f"{recipe}: cannot tell which stage this recipe is for; add `stage:` (sft, rm, ppo, dpo, kto, eval or "
+            "generate) to it, or pass --stage."
         )
     loaded = validate_recipe(raw, chosen, source=recipe, base_dir=Path(recipe).resolve().parent)
     _check_hardware_for_inspection(loaded)
@@ -320,7 +359,7 @@ def _pipeline_for_inspection(recipe: str, stage: str | None, overrides):
 
 RecipeStageOpt = Annotated[
     Optional[str],
-    typer.Option("--stage", help="sft, rm, ppo, eval, generate or pipeline; default: the recipe's own `stage:` key "
+    typer.Option("--stage", help="sft, rm, ppo, dpo, kto, eval, generate or pipeline; default: the recipe's own `stage:` key "
                  "(a recipe with `stages:` is a pipeline). On a pipeline recipe a stage name keeps that stage."),
 ]
 PipelineOutputOpt = Annotated[

@@ -392,15 +392,28 @@ def encode_dataset(dataset: datasets.Dataset, tokenizer, kind: str, *, assistant
             for row in dataset]  # fmt: skip
 
 
-def trainer_dataset(dataset: datasets.Dataset, kind: str, fitted: Fitted) -> datasets.Dataset:
-    """The kept rows in the pre-tokenized columns the trainer takes as they are (see the module docstring)."""
+def trainer_dataset(dataset: datasets.Dataset, kind: str, fitted: Fitted, *,
+                    split_prompt: bool = False) -> datasets.Dataset:  # fmt: skip
+    """The kept rows in the pre-tokenized columns the trainer takes as they are (see the module docstring).
+
+    Preference pairs: whole sequences (`chosen_ids`, `rejected_ids`: the reward model reads each whole), or with
+    `split_prompt` (DPO and its relatives, which train on the responses only) `prompt_ids` + the two responses'
+    `chosen_ids` / `rejected_ids` next to the original columns."""
     import datasets
 
     rows = fitted.encodings
-    if kind == "preference":
+    if kind == "preference" and not split_prompt:
         return datasets.Dataset.from_dict({"chosen_ids": [r.sequences[0] for r in rows],
                                            "rejected_ids": [r.sequences[1] for r in rows]})  # fmt: skip
     out = dataset.select(fitted.indices) if len(fitted.indices) < len(dataset) else dataset
+    if kind == "preference":
+        columns = {"prompt_ids": [r.sequences[0][: r.boundary] for r in rows],
+                   "chosen_ids": [r.sequences[0][r.boundary :] for r in rows],
+                   "rejected_ids": [r.sequences[1][r.boundary :] for r in rows]}  # fmt: skip
+        for name, values in columns.items():
+            out = out.remove_columns(name) if name in out.column_names else out
+            out = out.add_column(name, values)
+        return out
     out = out.add_column("input_ids", [r.sequences[0] for r in rows])
     if kind == "sft":
         for key in ("completion_mask", "assistant_masks"):
@@ -435,21 +448,39 @@ def _check_trainable(fitted: Fitted, training: dict, what: str) -> None:
                             "row.")  # fmt: skip
 
 
+def check_prompted(encodings: Sequence[Encoded], what: str, command: str = "rlhf dpo") -> None:
+    """DPO-style losses compare the policy's and the reference's log-probabilities of each response GIVEN its
+    prompt: a pair whose responses share no beginning (no prompt column, no common start) has no prompt, and a
+    response with no token of its own has nothing to score."""
+    for index, encoded in enumerate(encodings, 1):
+        if not encoded.boundary:
+            raise UserError(f"{what}, row {index}: no prompt. {command} trains on each response given its prompt, "
+                            "and this pair has no prompt column and its two responses share no beginning. Add a "
+                            "prompt column (or map one with data.train.columns), or drop the row.")  # fmt: skip
+        for name, ids in zip(("chosen", "rejected"), encoded.sequences):
+            if len(ids) <= encoded.boundary:
+                raise UserError(f"{what}, row {index}: the {name} response has no token after the prompt they "
+                                "share, so there is nothing to compare; fix or drop the row.")  # fmt: skip
+
+
 def fit_dataset(dataset: datasets.Dataset, tokenizer, kind: str, *, max_length: int, on_too_long: str, what: str,
-                training: dict | None = None, limit_key: str = "data.max_length",
-                check: bool = True) -> tuple[datasets.Dataset, LengthReport]:  # fmt: skip
+                training: dict | None = None, limit_key: str = "data.max_length", check: bool = True,
+                split_prompt: bool = False) -> tuple[datasets.Dataset, LengthReport]:  # fmt: skip
     """Tokenize `dataset` (from `load_data`, of `kind`) as its trainer would, apply `on_too_long` against
     `max_length`, and return the trainer-ready dataset with its LengthReport. `training` is the recipe's
-    `training:` section (SFT reads assistant_only_loss / completion_only_loss from it)."""
+    `training:` section (SFT reads assistant_only_loss / completion_only_loss from it); `split_prompt`: pairs for
+    DPO-style trainers, which need a prompt (`check_prompted`) and take it apart from the responses."""
     training = training or {}
     template = sft_template_for_loss(tokenizer, training) if kind == "sft" else None
     encodings = encode_dataset(dataset, tokenizer, kind, assistant_only_loss=bool(training.get("assistant_only_loss")),
                                chat_template=template)  # fmt: skip
+    if split_prompt and check:
+        check_prompted(encodings, what)
     fitted = fit_rows(encodings, max_length=max_length, on_too_long=on_too_long, what=what, limit_key=limit_key,
                       check=check)  # fmt: skip
     if kind == "sft" and check:
         _check_trainable(fitted, training, what)
-    return trainer_dataset(dataset, kind, fitted), fitted.report
+    return trainer_dataset(dataset, kind, fitted, split_prompt=split_prompt), fitted.report
 
 
 # ---------------------------------------------------------------- stage entry points
@@ -463,7 +494,8 @@ def fit_stage_data(stage, recipe, tokenizer, train, evaluation):
         return train, evaluation, {}
     spec = recipe.data
     reports = {}
-    kwargs = {"max_length": spec.max_length, "on_too_long": spec.on_too_long, "training": recipe.training}
+    kwargs = {"max_length": spec.max_length, "on_too_long": spec.on_too_long, "training": recipe.training,
+              "split_prompt": stage.split_prompt}
     train, reports["train"] = fit_dataset(train, tokenizer, stage.data_kind, what="data.train", **kwargs)
     warn(reports["train"])
     if evaluation is not None:

@@ -315,6 +315,21 @@ def tokenizer_mismatch(expected, other, facts=("vocabulary", "EOS token")) -> st
     return None
 
 
+def check_same_vocabulary(tokenizer, other_path: str, what: str) -> None:
+    """A second model of a stage (PPO's reference, critic and reward model; DPO's reference) reads the policy's
+    token ids, so its tokenizer, where one is saved with it, must agree with the policy's."""
+    from transformers import AutoTokenizer
+
+    try:
+        other = AutoTokenizer.from_pretrained(other_path)
+    except (OSError, ValueError):
+        return  # no tokenizer saved there: nothing to compare
+    mismatch = tokenizer_mismatch(tokenizer, other)
+    if mismatch:
+        raise UserError(f"{what} ({other_path}) uses a different tokenizer from the policy: {mismatch}. Every model "
+                        "of the stage must read the same token ids.")  # fmt: skip
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -90,9 +90,11 @@ def _training(recipe: Recipe, stage: str) -> list[str]:
         from rlhf_cli.stages import STAGES
 
         has_eval = bool(getattr(STAGES.get(stage), "default_eval_split", None))  # train-rm holds part out itself
-    if stage in ("sft", "rm") and strategy not in ("no", None) and not has_eval:
+    if stage in ("sft", "rm", "dpo", "kto") and strategy not in ("no", None) and not has_eval:
         problems.append(f"training.eval_strategy is {strategy!r} but there is no evaluation data: add data.eval "
                         "(or data.eval_split), or remove eval_strategy.")  # fmt: skip
+    if stage in ("dpo", "kto"):
+        problems += _preference_losses(recipe, stage)
     if stage == "ppo" and recipe.ppo is not None:
         if recipe.ppo.algorithm == "ppo":
             from rlhf_cli.ppo.config import PPOConfig
@@ -109,6 +111,41 @@ def _training(recipe: Recipe, stage: str) -> list[str]:
                     load_rule_reward(spec.function, f"{what}.function")
                 except UserError as exc:
                     problems.append(str(exc))
+    return problems
+
+
+def _preference_losses(recipe: Recipe, stage: str) -> list[str]:
+    """loss_type and loss_weights of dpo / kto, which TRL itself checks only at the first training step."""
+    from rlhf_cli.recipe import training_config_class
+    from rlhf_cli.trl_fields import loss_types
+
+    training, config_class = recipe.training, training_config_class(recipe, stage)
+    algorithm = recipe.dpo.algorithm if stage == "dpo" and recipe.dpo is not None else stage
+    if algorithm == "simpo":
+        given = training.get("loss_type", "simpo")
+        return [] if given == "simpo" else [f"training.loss_type: algorithm simpo is CPOTrainer's simpo loss; "
+                                            f"remove loss_type (it is {given!r})."]  # fmt: skip
+    if "loss_type" not in training or algorithm == "orpo":
+        return []
+    given = training["loss_type"]
+    listed = given if isinstance(given, list) else [given]
+    known = loss_types(config_class)
+    problems = []
+    if stage == "kto" and isinstance(given, list):
+        problems.append("training.loss_type: KTO takes one loss type, not a list.")
+    if known:
+        unknown = [str(value) for value in listed if value not in known]
+        if unknown:
+            problems.append(f"training.loss_type: {', '.join(map(repr, unknown))} is not a loss type of the "
+                            f"installed TRL's {config_class.removesuffix('Config')} trainer; known: "
+                            f"{', '.join(known)}.")  # fmt: skip
+    if not listed:
+        problems.append("training.loss_type: give at least one loss type.")
+    weights = training.get("loss_weights")
+    if weights is not None and stage == "dpo" and len(weights) != len(listed):
+        problems.append(f"training.loss_weights: {len(weights)} weight{'s' if len(weights) != 1 else ''} for "
+                        f"{len(listed)} loss type{'s' if len(listed) != 1 else ''} ({', '.join(map(str, listed))}); "
+                        "give one weight per loss_type, in the same order.")  # fmt: skip
     return problems
 
 

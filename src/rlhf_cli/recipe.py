@@ -363,6 +363,36 @@ class PPOSpec(_Strict):
         return self
 
 
+class DPOSpec(_Strict):
+    """Offline preference optimisation from pairs (the policy is `model:`, the pairs are `data:`)."""
+
+    algorithm: Literal["dpo", "orpo", "simpo"] = Field(
+        "dpo",
+        description="dpo: TRL's DPOTrainer against a frozen reference (training keys: DPOConfig, every loss_type); "
+        "orpo / simpo: reference-free, TRL's experimental ORPOTrainer / CPOTrainer with loss_type simpo (training "
+        "keys: ORPOConfig / CPOConfig).",
+    )
+    ref_model: str | None = Field(
+        None,
+        description="dpo only: the frozen reference pi_ref of the implicit reward beta*log(pi/pi_ref); default: the "
+        "policy's starting weights (one frozen copy; with LoRA the base with the adapter off, no copy).",
+    )
+
+    @model_validator(mode="after")
+    def _reference_only_for_dpo(self) -> DPOSpec:
+        if self.algorithm != "dpo" and self.ref_model:
+            raise ValueError(f"{self.algorithm} is reference-free: remove dpo.ref_model, or use algorithm: dpo")
+        return self
+
+
+class KTOSpec(_Strict):
+    """Unpaired (thumbs-up / thumbs-down) optimisation; the policy is `model:`, the rows are `data:`."""
+
+    ref_model: str | None = Field(
+        None, description="The frozen reference; default: the policy's starting weights (with LoRA: the base)."
+    )
+
+
 class SamplingSpec(_Strict):
     """How responses are sampled; the keys `eval:` and `generate:` share."""
 
@@ -434,10 +464,10 @@ class EvalSpec(SamplingSpec):
         return self
 
 
-TRAINING_STAGES = ("sft", "rm", "ppo")
+TRAINING_STAGES = ("sft", "rm", "ppo", "dpo", "kto")
 RECIPE_STAGES = (*TRAINING_STAGES, "eval", "generate")
-COMMANDS = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo", "eval": "rlhf eval",
-            "generate": "rlhf generate"}  # fmt: skip
+COMMANDS = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo", "dpo": "rlhf dpo", "kto": "rlhf kto",
+            "eval": "rlhf eval", "generate": "rlhf generate"}  # fmt: skip
 
 
 class DivergenceSpec(_Strict):
@@ -452,8 +482,9 @@ class DivergenceSpec(_Strict):
 
 
 class Recipe(_Strict):
-    stage: Literal["sft", "rm", "ppo", "eval", "generate"] | None = Field(
-        None, description="Which command the recipe is for (sft, rm, ppo, eval or generate); checked when given."
+    stage: Literal["sft", "rm", "ppo", "dpo", "kto", "eval", "generate"] | None = Field(
+        None, description="Which command the recipe is for (sft, rm, ppo, dpo, kto, eval or generate); checked when "
+        "given."
     )
     model: ModelSpec | None = Field(
         None,
@@ -466,9 +497,12 @@ class Recipe(_Strict):
     )
     training: dict[str, Any] = Field(
         default_factory=dict,
-        description="Keys of the stage's TRL config (SFTConfig for sft, RewardConfig for train-rm).",
+        description="Keys of the stage's TRL config (SFTConfig for sft, RewardConfig for train-rm, DPOConfig for "
+        "dpo (ORPOConfig / CPOConfig for its orpo / simpo algorithms), KTOConfig for kto).",
     )
     ppo: PPOSpec | None = Field(None, description="PPO only: reward, critic and reference models.")
+    dpo: DPOSpec | None = Field(None, description="dpo only: algorithm (dpo, orpo, simpo) and reference model.")
+    kto: KTOSpec | None = Field(None, description="kto only: reference model.")
     eval: EvalSpec | None = Field(None, description="eval only: what to evaluate, on which data, how to sample.")
     generate: GenerateSpec | None = Field(None, description="generate only: prompts and sampling.")
     distributed: DistributedSpec = Field(
@@ -504,14 +538,17 @@ class Recipe(_Strict):
         return self
 
 
-STAGE_CONFIG = {"sft": "SFTConfig", "rm": "RewardConfig", "ppo": "PPOConfig"}
+STAGE_CONFIG = {"sft": "SFTConfig", "rm": "RewardConfig", "ppo": "PPOConfig", "dpo": "DPOConfig", "kto": "KTOConfig"}
 ALGORITHM_CONFIG = {"grpo": "GRPOConfig", "rloo": "RLOOConfig"}  # `ppo.algorithm` hands the stage to TRL
+DPO_ALGORITHM_CONFIG = {"orpo": "ORPOConfig", "simpo": "CPOConfig"}  # `dpo.algorithm`: TRL's experimental trainers
 
 
 def training_config_class(recipe: Recipe, stage: str) -> str:
     """Which config class the recipe's `training:` keys belong to."""
     if stage == "ppo" and recipe.ppo is not None and recipe.ppo.algorithm in ALGORITHM_CONFIG:
         return ALGORITHM_CONFIG[recipe.ppo.algorithm]
+    if stage == "dpo" and recipe.dpo is not None and recipe.dpo.algorithm in DPO_ALGORITHM_CONFIG:
+        return DPO_ALGORITHM_CONFIG[recipe.dpo.algorithm]
     return STAGE_CONFIG[stage]
 
 # Training keys owned by other recipe sections or by the CLI.
@@ -786,7 +823,8 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
 
 # The sections each stage cannot run without (besides what the schema itself requires).
 _REQUIRED_SECTIONS = {"sft": ("model", "data"), "rm": ("model", "data"), "ppo": ("model", "data"),
-                      "eval": ("eval",), "generate": ("model", "generate")}  # fmt: skip
+                      "dpo": ("model", "data"), "kto": ("model", "data"), "eval": ("eval",),
+                      "generate": ("model", "generate")}  # fmt: skip
 
 
 def _non_finite_numbers(value: Any, where: str = "") -> list[str]:
@@ -860,6 +898,14 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
     if (stage == "ppo") != (recipe.ppo is not None):
         needed = "needs a `ppo:` section (reward, value_model, ref_model)" if stage == "ppo" else "has a `ppo:` section"
         raise UserError(f"Recipe {source} {needed}, but it is run as the {stage} stage.")
+    for section in ("dpo", "kto"):  # optional in their own stage (defaults), refused elsewhere
+        if getattr(recipe, section) is not None and stage != section:
+            raise UserError(f"Recipe {source} has a `{section}:` section, but it is run as the {stage} stage; "
+                            f"`{section}:` belongs in a recipe for `{COMMANDS[section]}`.")  # fmt: skip
+    if stage == "dpo" and recipe.dpo is None:
+        recipe.dpo = DPOSpec()
+    if stage == "kto" and recipe.kto is None:
+        recipe.kto = KTOSpec()
     for key, owner in _OWNED_KEYS.items():
         if key in recipe.training:
             raise UserError(f"Recipe {source}: training.{key} is not set here; use {owner}.")
@@ -883,6 +929,8 @@ def _check_sections_without_training(recipe: Recipe, stage: str, source: str) ->
         (recipe.training, f"trains nothing, so it takes no `training:` section; sampling settings go in `{stage}:`"),
         (recipe.data, f"reads no `data:` section; its data goes in {own}"),
         (recipe.ppo, "takes no `ppo:` section"),
+        (recipe.dpo, "takes no `dpo:` section"),
+        (recipe.kto, "takes no `kto:` section"),
         (getattr(recipe, other), f"takes no `{other}:` section (that is the {other} stage's)"),
         (recipe.model is not None and recipe.model.lora,
          "trains nothing: remove model.lora (a saved LoRA adapter directory loads as it is)"),

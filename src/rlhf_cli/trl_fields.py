@@ -20,6 +20,9 @@ _CONFIG_FILES = {
     "SFTConfig": ("trl", "trainer/sft_config.py"),
     "RewardConfig": ("trl", "trainer/reward_config.py"),
     "DPOConfig": ("trl", "trainer/dpo_config.py"),
+    "KTOConfig": ("trl", "trainer/kto_config.py"),
+    "ORPOConfig": ("trl", "experimental/orpo/orpo_config.py"),
+    "CPOConfig": ("trl", "experimental/cpo/cpo_config.py"),
     "GRPOConfig": ("trl", "trainer/grpo_config.py"),
     "RLOOConfig": ("trl", "trainer/rloo_config.py"),
     "_BaseConfig": ("trl", "trainer/base_config.py"),
@@ -189,6 +192,10 @@ def value_matches(annotation: str, value: Any) -> bool:
     return any(_CHECKS[atom](value) for atom in atoms)
 
 
+# Values a config takes beyond its annotation, because its __post_init__ converts them.
+_ALSO_ACCEPTED = {("DPOConfig", "loss_type"): "str"}  # one loss type, wrapped in a list
+
+
 def check_training_keys(class_name: str, training: dict[str, Any]) -> list[str]:
     """Problems with a recipe's `training:` mapping for TRL's `class_name`, one sentence each."""
     fields = config_fields(class_name)
@@ -199,7 +206,10 @@ def check_training_keys(class_name: str, training: dict[str, Any]) -> list[str]:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             problems.append(f"training.{key}: not a field of {class_name}.{hint}")
             continue
-        if not value_matches(fields[key], value):
+        annotation = fields[key]
+        if (class_name, key) in _ALSO_ACCEPTED:
+            annotation = f"{annotation} | {_ALSO_ACCEPTED[class_name, key]}"
+        if not value_matches(annotation, value):
             problems.append(f"training.{key}: expected {fields[key]}, got {type(value).__name__} {value!r}.")
             continue
         enum_problem = _enum_problem(key, fields[key], value)
@@ -212,3 +222,34 @@ def check_training_keys(class_name: str, training: dict[str, Any]) -> list[str]:
             if (op == ">" and not value > limit) or (op == ">=" and not value >= limit):
                 problems.append(f"training.{key}: must be {op} {limit:g}, got {value!r}.")
     return problems
+
+
+# The trainer whose code decides which `loss_type` values a config accepts (TRL checks it only at the first step).
+_LOSS_TYPE_FILES = {
+    "DPOConfig": "trainer/dpo_trainer.py",
+    "KTOConfig": "trainer/kto_trainer.py",
+    "CPOConfig": "experimental/cpo/cpo_trainer.py",
+}
+
+
+@cache
+def loss_types(class_name: str) -> tuple[str, ...]:
+    """The `loss_type` values the installed TRL trainer of `class_name` implements: the strings its code compares
+    `loss_type` with (`loss_type == "sigmoid"`, `self.loss_type in [...]`). Empty when unknown."""
+    root = _package_root("trl")
+    relative = _LOSS_TYPE_FILES.get(class_name)
+    if root is None or relative is None or not (root / relative).is_file():
+        return ()
+    found: list[str] = []
+
+    def named_loss_type(node: ast.expr) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "loss_type") or (
+            isinstance(node, ast.Attribute) and node.attr == "loss_type")
+
+    for node in ast.walk(ast.parse((root / relative).read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.Compare) and named_loss_type(node.left)):
+            continue
+        for op, right in zip(node.ops, node.comparators):
+            values = right.elts if isinstance(op, (ast.In, ast.NotIn)) and isinstance(right, (ast.List, ast.Tuple, ast.Set)) else [right]
+            found += [v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+    return tuple(dict.fromkeys(found))

@@ -22,6 +22,7 @@ from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.alarms import Alarm, AlarmConfig, AlarmMonitor
 from rlhf_cli.guard import DIVERGED_EXIT_CODE, Divergence, divergence_message, non_finite
 from rlhf_cli.interrupts import INTERRUPTED_EXIT_CODE
+from rlhf_cli.models import check_same_vocabulary
 from rlhf_cli.ppo.config import PPOConfig
 from rlhf_cli.ppo.losses import (
     adaptive_kl_beta,
@@ -82,24 +83,6 @@ class PPOState:
     @property
     def score_std(self) -> float:
         return math.sqrt(self.score_m2 / max(self.score_count - 1, 1)) if self.score_count > 1 else 1.0
-
-
-def check_same_vocabulary(tokenizer, other_path: str, what: str) -> None:
-    """Policy, reference, critic and reward model read the same token ids, so their tokenizers must agree."""
-    from transformers import AutoTokenizer
-
-    try:
-        other = AutoTokenizer.from_pretrained(other_path)
-    except (OSError, ValueError):
-        return  # no tokenizer saved there: nothing to compare
-    from rlhf_cli.models import tokenizer_mismatch
-
-    mismatch = tokenizer_mismatch(tokenizer, other)
-    if mismatch:
-        raise UserError(
-            f"{what} ({other_path}) uses a different tokenizer from the policy: {mismatch}. PPO needs every model "
-            "to read the same token ids."
-        )
 
 
 def check_companion_tokenizers(tokenizer, recipe: Recipe) -> None:

@@ -48,16 +48,33 @@ class Default:
 
 
 @dataclass(frozen=True)
+class TrainerInputs:
+    """What a stage's `trainer_kwargs` may build more trainer arguments from (a reference model, a reward)."""
+
+    recipe: Recipe
+    model: Any  # the policy as loaded (before TRL wraps it)
+    model_path: str
+    tokenizer: Any
+    config: Any  # the TRL config (its deepspeed plugin says whether ZeRO-3 shards the weights)
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str  # the worker's argument
     title: str
-    data_kind: Literal["sft", "preference", "prompt"]
+    data_kind: Literal["sft", "preference", "prompt", "unpaired"]
     model_kind: Literal["causal_lm", "reward"]
-    config_class: str  # in trl
-    trainer_class: str  # in trl
+    config_class: str  # in trl (see TRL_MODULES for those that live elsewhere)
+    trainer_class: str  # in trl, or "module:Class" for a subclass of one
     recipe_stage: str = ""  # the recipe's `stage:` (default: name)
     length_key: str | None = "max_length"  # the TRL config key that data.max_length sets
-    trainer_kwargs: Callable[[Recipe], dict] | None = None  # more arguments for the TRL trainer
+    trainer_kwargs: Callable[[TrainerInputs], dict] | None = None  # more arguments for the TRL trainer
+    split_prompt: bool = False  # preference pairs as prompt_ids + response ids (DPO-style trainers)
+    # `training:` keys decided from the training rows as kept (KTO's class weights): (keys, the line that says so);
+    # keys the recipe sets win.
+    data_defaults: Callable[[Recipe, Any], tuple[dict, str | None]] | None = None
+    # Lines for the summary's "warnings" from the trainer's log history (DPO: likelihood displacement).
+    summary_warnings: Callable[[Recipe, list[dict]], list[str]] | None = None
     # Held out of data.train as evaluation data when the recipe gives none (data.eval / data.eval_split); see
     # `holdout_plan` for the sizes. None: no default hold-out.
     default_eval_split: float | None = None
@@ -68,6 +85,18 @@ class Stage:
     @property
     def stage_key(self) -> str:
         return self.recipe_stage or self.name
+
+
+# Config and trainer classes outside `trl`'s top level.
+TRL_MODULES = {"ORPOConfig": "trl.experimental.orpo", "CPOConfig": "trl.experimental.cpo"}
+
+
+def trl_class(name: str):
+    """A TRL class by name (`TRL_MODULES` says where those outside trl's top level live), or "module:Class"."""
+    import importlib
+
+    module, _, attribute = name.rpartition(":") if ":" in name else (TRL_MODULES.get(name, "trl"), "", name)
+    return getattr(importlib.import_module(module), attribute)
 
 
 # The cadence of sized stages (sft, rm) where `training:` does not set it: a run of any length saves about
@@ -442,7 +471,6 @@ def train(
     run: RunDirectory | None,
 ) -> int:
     """Train in this process; `run` is None in a worker under accelerate (the parent made and holds the directory)."""
-    import trl
     from trl.data_utils import is_conversational
 
     from rlhf_cli.lengths import fit_stage_data
@@ -458,8 +486,14 @@ def train(
     # Long examples are cut, dropped or refused here, tokenized as TRL would: TRL itself then removes nothing.
     train_data, eval_data, length_reports = fit_stage_data(stage, recipe, tokenizer, train_data, eval_data)
     # The TRL config comes before the model: under ZeRO-3 it arms zero.Init so weights load already sharded.
+    decided_note = None
+    if stage.data_defaults is not None:
+        decided, decided_note = stage.data_defaults(recipe, train_data)
+        config_kwargs = {**config_kwargs, **{key: value for key, value in decided.items() if key not in recipe.training}}
+        if decided_note and os.environ.get("RANK", "0") == "0":
+            make_console(stderr=True).print(f"[yellow]Note:[/] {escape(decided_note)}", highlight=False)
     try:
-        config = getattr(trl, stage.config_class)(**config_kwargs)
+        config = trl_class(stage.config_class)(**config_kwargs)
     except (ValueError, TypeError) as exc:
         raise UserError(f"TRL rejected the training settings: {exc}") from None
     _ = config.world_size  # sets up the process group now, so zero.Init below shards over all ranks
@@ -469,16 +503,20 @@ def train(
         deepspeed.init_distributed()  # DeepSpeed's own view of that group, which zero.Init reads its world size from
     model = load_model(recipe.model, model_path, stage.model_kind, tokenizer)
     metrics, interrupt = metrics_callback(run_dir), interrupt_callback()
-    trainer = getattr(trl, stage.trainer_class)(
-        model=model,
-        args=config,
-        train_dataset=train_data,
-        eval_dataset=eval_data,
-        processing_class=tokenizer,
-        peft_config=lora_config(recipe.model, stage.model_kind),
-        callbacks=[metrics, interrupt, checkpoint_marker_callback()],
-        **(stage.trainer_kwargs(recipe) if stage.trainer_kwargs else {}),
-    )
+    extra = stage.trainer_kwargs(TrainerInputs(recipe, model, model_path, tokenizer, config)) if stage.trainer_kwargs else {}
+    try:
+        trainer = trl_class(stage.trainer_class)(
+            model=model,
+            args=config,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
+            processing_class=tokenizer,
+            peft_config=lora_config(recipe.model, stage.model_kind),
+            callbacks=[metrics, interrupt, checkpoint_marker_callback()],
+            **extra,
+        )
+    except ValueError as exc:  # TRL checks combinations of settings when the trainer is built
+        raise UserError(f"TRL rejected the training settings: {exc}") from None
     _use_rich_progress(trainer)
     guard = install_trainer_guard(trainer, loss_spike=recipe.divergence.loss_spike,
                                   spike_window=recipe.divergence.spike_window)  # fmt: skip
@@ -513,8 +551,15 @@ def train(
             write_rendering(run_dir, recipe, trainer.processing_class, data.train[0], data.reports["train"].format)
     if main_process:
         summary = _summary(stage, recipe, run_dir, trainer, result, rows, time.time() - started, data)
+        if decided_note:
+            summary["set from the data"] = decided_note
+        warnings = stage.summary_warnings(recipe, trainer.state.log_history) if stage.summary_warnings else []
+        if warnings:
+            summary["warnings"] = warnings
         write_summary(run_dir, summary)
-        print_summary(f"{stage.title}: done", summary)
+        print_summary(f"{stage.title}: done", {key: value for key, value in summary.items() if key != "warnings"})
+        for line in warnings:
+            make_console(stderr=True).print(f"[yellow]Warning:[/] {escape(line)}", highlight=False)
     return 0
 
 
@@ -564,7 +609,11 @@ def stage_row_counts(trainer, data: StageData, length_reports: dict) -> dict[str
 # Metrics TRL logs for training batches (the summary's "train ... (last log window)") and for the evaluation data
 # (with eval_ in front; the summary's "held-out ..."), and their names in the summary.
 LOGGED_METRICS = {"loss": "loss", "accuracy": "accuracy", "margin": "margin",
-                  "mean_token_accuracy": "mean token accuracy"}  # fmt: skip
+                  "mean_token_accuracy": "mean token accuracy",
+                  # DPO and its relatives, KTO (docs/dpo.md says how to read them)
+                  "rewards/accuracies": "rewards/accuracies", "rewards/margins": "rewards/margins",
+                  "rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+                  "logps/chosen": "logps/chosen", "logps/rejected": "logps/rejected", "kl": "kl"}  # fmt: skip
 
 
 def _summary(stage, recipe, run_dir, trainer, result, rows, seconds, data: StageData | None = None) -> dict:

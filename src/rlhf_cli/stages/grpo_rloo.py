@@ -8,15 +8,14 @@ the group as the baseline instead of a critic:
 
 from __future__ import annotations
 
-from rlhf_cli.recipe import Recipe
-from rlhf_cli.stages.common import Stage
+from rlhf_cli.stages.common import Stage, TrainerInputs
 
 
-def reward_functions(recipe: Recipe) -> dict:
+def reward_functions(inputs: TrainerInputs) -> dict:
     """The recipe's reward in the form TRL takes: a reward-model path, or the rule wrapped to TRL's signature."""
     from rlhf_cli.rewards import load_rule_reward
 
-    reward = recipe.ppo.reward
+    reward = inputs.recipe.ppo.reward
     if reward.model:
         return {"reward_funcs": reward.model}
     rule = load_rule_reward(reward.function)
