@@ -36,13 +36,16 @@ class Source:
     rendering: object = None  # eval.preferences: the reward model's rlhf_cli.rendering.Rendering (its rendering.json)
 
 
-STAGE_TRAINERS = {"sft": "TRL SFTTrainer", "rm": "TRL RewardTrainer", "ppo": "rlhf_cli PPOTrainer"}
+STAGE_TRAINERS = {"sft": "TRL SFTTrainer", "rm": "TRL RewardTrainer", "ppo": "rlhf_cli PPOTrainer",
+                  "dpo": "TRL DPOTrainer"}  # fmt: skip
+DPO_TRAINERS = {"orpo": "TRL ORPOTrainer (experimental)", "simpo": "TRL CPOTrainer (experimental, simpo loss)"}
+STAGE_KINDS = {"sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference"}
 
 
 def sources_of(recipe: Recipe, stage: str) -> list[Source]:
     """The data sources `stage` reads from `recipe`, each with its tokenizer and length limit."""
-    if stage in ("sft", "rm", "ppo"):
-        kind = {"sft": "sft", "rm": "preference", "ppo": "prompt"}[stage]
+    if stage in STAGE_KINDS:
+        kind = STAGE_KINDS[stage]
         spec = recipe.data
         note = None
         if stage == "ppo" and recipe.ppo is not None and recipe.ppo.algorithm != "ppo":
@@ -78,7 +81,7 @@ def sources_of(recipe: Recipe, stage: str) -> list[Source]:
         spec = recipe.generate
         return [Source("generate.prompts", spec.prompts, "prompt", spec.max_prompt_length,
                        "generate.max_prompt_length", "truncate", _policy_tokenizer(recipe))]  # fmt: skip
-    raise UserError(f"`rlhf data inspect` reads sft, rm, ppo, eval and generate recipes, not {stage!r}.")
+    raise UserError(f"`rlhf data inspect` reads sft, rm, ppo, dpo, kto, eval and generate recipes, not {stage!r}.")
 
 
 def _policy_tokenizer(recipe: Recipe):
@@ -236,6 +239,8 @@ def inspect_recipe(recipe: Recipe, stage: str, *, examples: int = 2) -> list[str
     trainer = STAGE_TRAINERS.get(stage, f"rlhf {stage}")
     if stage == "ppo" and recipe.ppo is not None and recipe.ppo.algorithm != "ppo":
         trainer = f"TRL {recipe.ppo.algorithm.upper()}Trainer"
+    if stage == "dpo" and recipe.dpo is not None:
+        trainer = DPO_TRAINERS.get(recipe.dpo.algorithm, trainer)
     lines = [f"{stage} recipe, read as {trainer} reads it (tokenizers only, no model weights)"]
     tokenizers: dict = {}
     for item in sources_of(recipe, stage):
