@@ -163,7 +163,7 @@ def test_every_recipe_validates_and_dry_runs(recipe, tmp_path, monkeypatch):
     overrides = []
     if "../shared" in text and not (REPO.parent / "shared").is_dir():
         pytest.skip("this recipe reads ../shared, which is absent")
-    if "stage: ppo" in text:  # it reads the outputs of earlier stages; stand-ins outside tmp_path will do
+    if re.search(r"^stage: (ppo|dpo|kto)", text, re.M):  # it reads earlier stages' outputs; stand-ins will do
         overrides = ["--set", f"model.name_or_path={TINY}"]
         if re.search(r"^\s+model: \.\./\.\./runs/", text, re.M):
             overrides += ["--set", f"ppo.reward.model={TINY}"]
@@ -171,7 +171,7 @@ def test_every_recipe_validates_and_dry_runs(recipe, tmp_path, monkeypatch):
     result = runner.invoke(app, ["recipe", "validate", str(REPO / recipe), *overrides])
     assert result.exit_code == 0, result.output
     stage = re.search(r"^stage: (\w+)", text, re.M).group(1)
-    command = {"sft": "sft", "rm": "train-rm", "ppo": "ppo"}[stage]
+    command = {"sft": "sft", "rm": "train-rm", "ppo": "ppo", "dpo": "dpo", "kto": "kto"}[stage]
     result = runner.invoke(app, [command, str(REPO / recipe), "--dry-run", *overrides])
     assert result.exit_code == 0, result.output
     assert "Command:" in result.output and "Dry run" in result.output
@@ -184,7 +184,7 @@ def test_help_does_not_import_torch():
     code = "import sys; from rlhf_cli.cli import app; app(['--help'], standalone_mode=False); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().endswith("False")
-    for args in (["sft", "--help"], ["eval", "--help"], ["generate", "--help"],
+    for args in (["sft", "--help"], ["dpo", "--help"], ["kto", "--help"], ["eval", "--help"], ["generate", "--help"],
                  ["recipe", "validate", str(TINY / "sft.yaml")]):
         code = f"import sys; from rlhf_cli.cli import app; app({args!r}, standalone_mode=False); print('torch' in sys.modules)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -192,6 +192,14 @@ def value_matches(annotation: str, value: Any) -> bool:
     return any(_CHECKS[atom](value) for atom in atoms)
 
 
+# Bounds that hold for one config's meaning of a key (GRPO's beta may be 0; DPO's must be positive).
+_CLASS_BOUNDS: dict[tuple[str, str], tuple[str, float]] = {
+    **{(config, "beta"): (">", 0) for config in ("DPOConfig", "KTOConfig", "ORPOConfig", "CPOConfig")},
+    ("CPOConfig", "cpo_alpha"): (">=", 0),
+    ("KTOConfig", "desirable_weight"): (">", 0),
+    ("KTOConfig", "undesirable_weight"): (">", 0),
+}
+
 # Values a config takes beyond its annotation, because its __post_init__ converts them.
 _ALSO_ACCEPTED = {("DPOConfig", "loss_type"): "str"}  # one loss type, wrapped in a list
 
@@ -216,7 +224,7 @@ def check_training_keys(class_name: str, training: dict[str, Any]) -> list[str]:
         if enum_problem:
             problems.append(enum_problem)
             continue
-        bound = _BOUNDS.get(key)
+        bound = _CLASS_BOUNDS.get((class_name, key), _BOUNDS.get(key))
         if bound and isinstance(value, (int, float)):
             op, limit = bound
             if (op == ">" and not value > limit) or (op == ">=" and not value >= limit):

@@ -480,7 +480,7 @@ def train(
     train_data, eval_data = data.train, data.eval
     model_path = resolve_model_path(recipe.model, recipe.seed)
     tokenizer = load_tokenizer(recipe.model, model_path, conversational=is_conversational(train_data[0]))
-    if data.loaded is not None and recipe.data.on_too_long == "error" and stage.length_key:
+    if data.loaded is not None and (recipe.data.on_too_long == "error" or stage.split_prompt) and stage.length_key:
         # Check data.train whole first, so that the error counts its rows and names the row as loaded.
         fit_stage_data(stage, recipe, tokenizer, data.loaded, None)
     # Long examples are cut, dropped or refused here, tokenized as TRL would: TRL itself then removes nothing.
