@@ -12,6 +12,8 @@ from rlhf_cli.evaluation.metrics import (
     diversity_metrics,
     eos_rate,
     finite_or_none,
+    implicit_reward_metrics,
+    implicit_rewards,
     length_bias,
     mean_length,
     mean_margin,
@@ -218,3 +220,65 @@ def test_every_pair_tied_leaves_the_accuracy_undefined():
     assert length_bias([1.0], [1.0], [5], [3]) is None
     buckets = calibration_by_gap([1.0, 2.0], [1.0, 2.0], buckets=1)
     assert buckets == [{"low": 0.0, "high": 0.0, "count": 2, "ties": 2, "accuracy": None}]
+
+
+# Four pairs, summed log-probs of (chosen, rejected) under the policy and the reference, and their log-ratios:
+#   pair 1: chosen -10 vs -12 -> d_c = +2;   rejected -20 vs -15 -> d_r = -5    win
+#   pair 2: chosen  -8 vs  -6 -> d_c = -2;   rejected  -9 vs -10 -> d_r = +1    loss
+#   pair 3: chosen  -5 vs  -4 -> d_c = -1;   rejected  -7 vs  -6 -> d_r = -1    tie
+#   pair 4: chosen  -3 vs  -4 -> d_c = +1;   rejected -30 vs  -4 -> d_r = -26   win
+POLICY_CHOSEN, REFERENCE_CHOSEN = [-10.0, -8.0, -5.0, -3.0], [-12.0, -6.0, -4.0, -4.0]
+POLICY_REJECTED, REFERENCE_REJECTED = [-20.0, -9.0, -7.0, -30.0], [-15.0, -10.0, -6.0, -4.0]
+
+
+def test_implicit_rewards_are_beta_times_the_log_ratio():
+    assert implicit_rewards([-1.0, -3.0], [-2.0, -2.0], 0.1).tolist() == pytest.approx([0.1, -0.1])
+    assert implicit_rewards(POLICY_CHOSEN, REFERENCE_CHOSEN, 0.5).tolist() == pytest.approx([1.0, -1.0, -0.5, 0.5])
+    with pytest.raises(ValueError, match="beta"):
+        implicit_rewards([-1.0], [-2.0], 0.0)
+    with pytest.raises(ValueError, match="paired"):
+        implicit_rewards([-1.0, -2.0], [-2.0], 0.1)
+
+
+def test_implicit_reward_metrics_by_hand():
+    section = implicit_reward_metrics(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.5)
+    # rewards with beta 0.5: chosen 1, -1, -0.5, 0.5; rejected -2.5, 0.5, -0.5, -13; margins 3.5, -1.5, 0, 13.5
+    assert (section["wins"], section["ties"], section["losses"], section["num_pairs"]) == (2, 1, 1, 4)
+    assert section["accuracy"] == pytest.approx((2 + 0.5) / 4)  # a tie counts as half
+    assert section["accuracy_strict"] == pytest.approx(2 / 4)  # TRL's rewards/accuracies: a tie counts as wrong
+    assert section["mean_margin"] == pytest.approx((3.5 - 1.5 + 0 + 13.5) / 4)
+    assert section["chosen_reward"] == pytest.approx((1 - 1 - 0.5 + 0.5) / 4)
+    assert section["rejected_reward"] == pytest.approx((-2.5 + 0.5 - 0.5 - 13) / 4)
+    assert section["logps"] == {
+        "policy": {"chosen": pytest.approx(-6.5), "rejected": pytest.approx(-16.5)},
+        "reference": {"chosen": pytest.approx(-6.5), "rejected": pytest.approx(-8.75)},
+        "change": {"chosen": pytest.approx(0.0), "rejected": pytest.approx(-7.75)},
+    }
+    # the chosen responses are as likely as under the reference (change 0): no displacement
+    assert section["likelihood_displacement"] is False
+    assert section["beta"] == 0.5
+
+
+def test_implicit_accuracy_does_not_depend_on_beta_but_the_margin_does():
+    small = implicit_reward_metrics(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.5)
+    large = implicit_reward_metrics(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 2.0)
+    for key in ("accuracy", "accuracy_strict", "wins", "ties", "losses", "logps", "likelihood_displacement"):
+        assert small[key] == large[key], key
+    assert large["mean_margin"] == pytest.approx(4 * small["mean_margin"])
+    assert large["rejected_reward"] == pytest.approx(4 * small["rejected_reward"])
+
+
+def test_a_falling_chosen_log_probability_is_likelihood_displacement():
+    # pair 1's chosen response 0.4 nats less likely: mean chosen change -0.1 < 0, while accuracy stays the same
+    lowered = [POLICY_CHOSEN[0] - 0.4] + POLICY_CHOSEN[1:]
+    section = implicit_reward_metrics(lowered, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, 0.1)
+    assert section["logps"]["change"]["chosen"] == pytest.approx(-0.1)
+    assert section["likelihood_displacement"] is True
+    assert section["accuracy"] == pytest.approx(0.625) and section["mean_margin"] > 0
+
+
+def test_implicit_reward_metrics_reject_unpaired_inputs():
+    with pytest.raises(ValueError, match="paired"):
+        implicit_reward_metrics([-1.0, -2.0], [-1.0], [-1.0, -2.0], [-1.0], 0.1)
+    with pytest.raises(ValueError, match="beta"):
+        implicit_reward_metrics([-1.0], [-1.0], [-1.0], [-1.0], -0.1)

@@ -203,6 +203,77 @@ def reward_model_metrics(chosen_scores, rejected_scores, chosen_lengths, rejecte
     }
 
 
+# ---------------------------------------------------------------- a DPO policy's implicit reward on preference pairs
+
+# TRL's DPOConfig default beta, assumed when neither eval.beta nor the policy's DPO recipe sets one.
+DEFAULT_DPO_BETA = 0.1
+
+
+def implicit_rewards(policy_logps, reference_logps, beta: float) -> np.ndarray:
+    """DPO's implicit reward of each response (Rafailov et al. 2023):
+
+        r(x, y) = beta * ( log pi(y|x) - log pi_ref(y|x) )
+
+    where log pi(y|x) = sum_t log pi(y_t | x, y_<t) is summed over the response's tokens (TRL's `rewards/chosen`,
+    `rewards/rejected`). Inputs are those per-response sums under the policy and under the reference."""
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}.")
+    policy, reference = _paired(policy_logps, reference_logps, "policy_logps", "reference_logps")
+    return beta * (policy - reference)
+
+
+def implicit_reward_metrics(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+                            tolerance: float = TIE_TOLERANCE) -> dict:  # fmt: skip
+    """How a policy's implicit reward decides N preference pairs, from the summed log-probabilities of each pair's
+    chosen (c) and rejected (r) response under the policy (pi) and the reference (ref):
+
+        d_c(i) = log pi(y_c|x) - log pi_ref(y_c|x),     d_r(i) likewise       (log-ratios)
+        r_c(i) = beta d_c(i),     r_r(i) = beta d_r(i)                        (`implicit_rewards`)
+        tie(i) = |d_c(i) - d_r(i)| <= tolerance * max(1, |d_c(i)|, |d_r(i)|)
+        accuracy        = (wins + 0.5 T) / N,   wins = #{i : not tie, r_c(i) > r_r(i)},   T = #ties
+        accuracy_strict = wins / N              (TRL's `rewards/accuracies`: a tie counts as wrong)
+        mean_margin     = (1/N) sum_i ( r_c(i) - r_r(i) )
+        chosen_reward   = (1/N) sum_i r_c(i),    rejected_reward likewise
+        logps           mean log pi and log pi_ref of the chosen and the rejected responses, and their change
+                        (policy - reference) = mean d: the change of the chosen is chosen_reward / beta
+        likelihood_displacement = [ mean d_c < 0 ],  i.e. mean log pi(y_c|x) < mean log pi_ref(y_c|x)
+
+    For beta > 0 the accuracies and ties do not depend on beta (ties are decided on the log-ratios); the margin and
+    the rewards scale with it. Likelihood displacement (Razin et al. 2024): the margin can grow while the chosen
+    responses become LESS likely than under the reference, both falling and the rejected faster.
+
+    Returns {"num_pairs", "beta", "accuracy", "accuracy_strict", "wins", "ties", "losses", "tie_tolerance",
+    "mean_margin", "chosen_reward", "rejected_reward", "logps": {"policy": {"chosen", "rejected"},
+    "reference": {"chosen", "rejected"}, "change": {"chosen", "rejected"}}, "likelihood_displacement"}.
+    """
+    pc, rc = _paired(policy_chosen, reference_chosen, "policy_chosen", "reference_chosen")
+    pr, rr = _paired(policy_rejected, reference_rejected, "policy_rejected", "reference_rejected")
+    if pc.shape != pr.shape:
+        raise ValueError(f"{pc.size} chosen but {pr.size} rejected log-probabilities; they must be paired.")
+    chosen_reward, rejected_reward = implicit_rewards(pc, rc, beta), implicit_rewards(pr, rr, beta)
+    tied = ties(pc - rc, pr - rr, tolerance)
+    wins = int(((chosen_reward > rejected_reward) & ~tied).sum())
+    count, n = int(tied.sum()), pc.size
+    means = {"policy": {"chosen": float(pc.mean()), "rejected": float(pr.mean())},
+             "reference": {"chosen": float(rc.mean()), "rejected": float(rr.mean())}}  # fmt: skip
+    means["change"] = {"chosen": float((pc - rc).mean()), "rejected": float((pr - rr).mean())}
+    return {
+        "num_pairs": n,
+        "beta": float(beta),
+        "accuracy": (wins + 0.5 * count) / n,
+        "accuracy_strict": wins / n,
+        "wins": wins,
+        "ties": count,
+        "losses": n - wins - count,
+        "tie_tolerance": tolerance,
+        "mean_margin": float((chosen_reward - rejected_reward).mean()),
+        "chosen_reward": float(chosen_reward.mean()),
+        "rejected_reward": float(rejected_reward.mean()),
+        "logps": means,
+        "likelihood_displacement": bool(means["change"]["chosen"] < 0),
+    }
+
+
 # ---------------------------------------------------------------- policy against reference
 
 
