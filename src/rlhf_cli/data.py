@@ -1,7 +1,8 @@
 """Load training data and convert it to the dataset formats TRL's trainers take as they are.
 
 SFT data becomes one of `{"text"}`, `{"prompt", "completion"}` (text or message lists) or `{"messages"}`;
-preference data becomes `{"prompt", "chosen", "rejected"}` or `{"chosen", "rejected"}`. Messages are
+preference data becomes `{"prompt", "chosen", "rejected"}` or `{"chosen", "rejected"}`; unpaired (KTO) data becomes
+`{"prompt", "completion", "label"}` with a boolean label, read as such or made from preference pairs. Messages are
 `{"role", "content"}` dicts. Every problem with the data is raised as a `UserError` that says where it is.
 
 Each row goes through two pure steps: `_prepare` reads the source's layout (the `columns` map, which may name
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
     from rlhf_cli.recipe import DataSource, RankingSpec, WinnerSpec
 
-Kind = Literal["sft", "preference", "prompt"]
+Kind = Literal["sft", "preference", "prompt", "unpaired"]
 Row = dict[str, Any]
 
 _BUILDERS = {
@@ -277,6 +278,11 @@ def _from_hh_preference(row: Row) -> Row:
     chosen, rejected = _parse_hh(row, "chosen"), _parse_hh(row, "rejected")
     if chosen == rejected:
         raise _Skip(IDENTICAL, "'chosen' and 'rejected' are the same transcript")
+    return _split_shared_turns(chosen, rejected)
+
+
+def _split_shared_turns(chosen: list[dict[str, str]], rejected: list[dict[str, str]]) -> Row:
+    """Two whole conversations -> the turns they share (the prompt, ending with a user turn) and each one's rest."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
@@ -330,6 +336,70 @@ def _from_ranked(row: Row) -> list[Row | _Skip]:
     return out
 
 
+# ---------------------------------------------------------------- unpaired (KTO) rows
+
+_LABEL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def unpaired_label(value: Any) -> bool:
+    """A thumbs-up / thumbs-down label as a bool: true/false, 1/0 (numbers), or the strings true/false, yes/no, 1/0
+    in any case and with surrounding spaces. Anything else (null, 2, "maybe", "") is a ValueError that shows it."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABEL_WORDS:
+        return _LABEL_WORDS[value.strip().lower()]
+    shown = "null" if value is None else repr(value)
+    raise ValueError(f"label {shown} is not a thumbs-up or thumbs-down; use true/false, 1/0 or yes/no")
+
+
+def _from_unpaired(row: Row) -> Row:
+    out = _same_style({key: _text_or_messages(row, key) for key in ("prompt", "completion")})
+    try:
+        out["label"] = unpaired_label(row.get("label"))
+    except ValueError as exc:
+        raise _RowError(f"field 'label': {exc}") from None
+    return out
+
+
+def _prompted(convert: Callable[[Row], Any]) -> Callable[[Row], Any]:
+    """A preference converter whose pairs all carry a prompt, for unpairing: KTO scores each completion GIVEN its
+    prompt. Conversations without a prompt column give up the turns they share (as HH transcripts do); a text pair
+    without one is an error, since cutting two strings at their shared characters would split words."""
+
+    def convert_with_prompt(row: Row) -> Any:
+        result = convert(row)
+        return [_with_prompt(item) for item in result] if isinstance(result, list) else _with_prompt(result)
+
+    return convert_with_prompt
+
+
+def _with_prompt(pair: Row | _Skip) -> Row | _Skip:
+    if isinstance(pair, _Skip) or "prompt" in pair or pair["chosen"] == pair["rejected"]:
+        return pair  # identical pairs are dropped (and counted) by the loader
+    if isinstance(pair["chosen"], list):
+        return _split_shared_turns(pair["chosen"], pair["rejected"])
+    raise _RowError("the pair has no prompt, and KTO trains each completion given its prompt; add a prompt column "
+                    "(or map one with columns, e.g. {prompt: question}, or build it with prompt_template), or give "
+                    "chosen and rejected as whole conversations whose shared turns are the prompt")  # fmt: skip
+
+
+def unpair(pairs: list[Row]) -> list[Row]:
+    """Preference pairs -> unpaired rows: each pair (x, y_w, y_l) gives (x, y_w, true) and then (x, y_l, false).
+    A desirable row equal to the one just before it (a ranking's best response, paired with each other response)
+    is kept once: KTO judges each response, and class weights, not repeats, balance the labels."""
+    rows: list[Row] = []
+    last_desirable = None
+    for pair in pairs:
+        desirable = {"prompt": pair["prompt"], "completion": pair["chosen"], "label": True}
+        if desirable != last_desirable:
+            rows.append(desirable)
+        last_desirable = desirable
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return rows
+
+
 # (format, kind) -> (columns it needs, columns it also reads when present, converter of one row)
 _FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], Callable[[Row], Any]]] = {
     ("text", "sft"): (("text",), (), _from_text),
@@ -350,7 +420,12 @@ _FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], Callable
     ("preference", "prompt"): (("prompt",), (), _from_prompt),
     ("ranked", "prompt"): (("prompt",), (), _from_prompt),
     ("alpaca", "prompt"): (("instruction",), ("input", "system", "history"), _from_alpaca_prompt),
+    # KTO: prompt + completion + a thumbs-up/down label...
+    ("prompt_completion", "unpaired"): (("prompt", "completion", "label"), (), _from_unpaired),
 }  # fmt: skip
+# ...or any preference format, each pair unpaired into a desirable and an undesirable row (`unpair`).
+_FORMATS.update({(fmt, "unpaired"): (needs, optional, _prompted(convert))
+                 for (fmt, kind), (needs, optional, convert) in list(_FORMATS.items()) if kind == "preference"})
 _KIND_NEEDS = {
     "sft": "an SFT dataset needs text, prompt+completion, messages, conversations (sharegpt), "
     "instruction+output (alpaca) or chosen holding an HH transcript (hh)",
@@ -360,6 +435,9 @@ _KIND_NEEDS = {
     "section, a prompt with ranked responses a ranking section",
     "prompt": "a prompt dataset needs prompt (text or messages) or instruction (alpaca); map another column "
     "with columns, e.g. {prompt: question}, or build it with prompt_template",
+    "unpaired": "unpaired (KTO) data needs prompt+completion+label (label: true/false, 1/0 or yes/no), or "
+    "preference pairs in any format train-rm reads (chosen+rejected, optionally prompt; sharegpt; alpaca; hh; a "
+    "winner or ranking section), each pair read as a desirable and an undesirable row",
 }
 
 
@@ -701,7 +779,7 @@ class _Counts:
 
 
 def load_data(source: DataSource, kind: Kind, *, what: str = "data.train") -> datasets.Dataset:
-    """Load `source` and return it in TRL's format for `kind` ("sft", "preference" or "prompt"), canonical columns
+    """Load `source` and return it in TRL's format for `kind` (sft, preference, prompt or unpaired), canonical columns
     only. Rows dropped on purpose, unused columns and notes are printed on stderr (see `load_data_with_report`)."""
     dataset, report = load_data_with_report(source, kind, what=what)
     _print_notices(report.notices())
@@ -733,7 +811,8 @@ def load_data_with_report(
     fmt = _detect_format(ds, plan, visible, kind, where, what) if detected else source.format
     if (fmt, kind) not in _FORMATS:
         fitting = [name for name, k in _FORMATS if k == kind]
-        needs = {"sft": "SFT data", "preference": "preference pairs (chosen/rejected)", "prompt": "prompts"}[kind]
+        needs = {"sft": "SFT data", "preference": "preference pairs (chosen/rejected)", "prompt": "prompts",
+                 "unpaired": "unpaired rows (prompt + completion + label) or preference pairs"}[kind]
         raise UserError(
             f"{where}: format {fmt!r} does not fit this stage, which needs {needs}; "
             f"use one of the formats auto, {', '.join(fitting)}."
@@ -768,6 +847,9 @@ def load_data_with_report(
     )
     # map keeps a replaced column (e.g. chosen) where it was and appends new ones; put them in TRL's order.
     dataset = converted.select_columns(list(kwargs["expected"]))
+    if kind == "unpaired":
+        dataset = _unpaired_rows(dataset, fmt, notes)
+        _check_both_labels(dataset, where, what)
     sources, unused = _columns_read(plan, reads, raw_columns)
     report = DataReport(
         what=what, origin=origin, kind=kind, format=fmt, detected=detected, columns=sources,
@@ -775,6 +857,37 @@ def load_data_with_report(
         dropped=counts.dropped, notes=notes,
     )  # fmt: skip
     return dataset, report
+
+
+def _unpaired_rows(dataset: datasets.Dataset, fmt: str, notes: list[str]) -> datasets.Dataset:
+    """Unpaired rows as they are, or preference pairs unpaired (`unpair`), said in one note with the counts."""
+    import datasets
+
+    if "label" in dataset.column_names:
+        if dataset.features["label"] != datasets.Value("bool"):  # map keeps the source column's type (JSON when mixed)
+            labels = dataset["label"]
+            dataset = dataset.remove_columns("label").add_column("label", [bool(label) for label in labels])
+        return dataset
+    rows = unpair(dataset.to_list())
+    repeats = 2 * len(dataset) - len(rows)
+    kept_once = (f"; {_plural(repeats, 'repeated best response')} of a ranking kept once as desirable"
+                 if repeats else "")  # fmt: skip
+    notes.append(f"read {_plural(len(dataset), 'preference pair')} (format {fmt}) as "
+                 f"{_plural(len(rows), 'unpaired row')} for KTO: each pair's chosen response labelled desirable "
+                 f"(true), its rejected one undesirable (false){kept_once}.")  # fmt: skip
+    return datasets.Dataset.from_list(rows)
+
+
+def _check_both_labels(dataset: datasets.Dataset, where: str, what: str) -> None:
+    """KTO's loss is a desirable term and an undesirable term around a shared reference point: data of one label
+    trains only half of it, and no class weight can balance what is not there."""
+    desirable = sum(dataset["label"])
+    if 0 < desirable < len(dataset):
+        return
+    label = "desirable (true)" if desirable else "undesirable (false)"
+    raise UserError(f"{where}: all {_plural(len(dataset), 'row')} are labelled {label}; KTO learns from thumbs-up "
+                    f"AND thumbs-down rows, so it needs at least one row of each label. Check the label column (or "
+                    f"{what}.columns.label), or add rows with the other label.")  # fmt: skip
 
 
 def _convert_batch(batch: dict[str, list], indices: list[int], **kwargs: Any) -> dict[str, list]:
@@ -805,7 +918,7 @@ def _convert_row(
         for item in result if isinstance(result, list) else [result]:
             if isinstance(item, _Skip):
                 counts.add(item, index)
-            elif kind == "preference" and item["chosen"] == item["rejected"]:
+            elif kind in ("preference", "unpaired") and "chosen" in item and item["chosen"] == item["rejected"]:
                 counts.add(_Skip(IDENTICAL, "'chosen' and 'rejected' are identical"), index)
             else:
                 for key, style in _shape(item).items():
@@ -1059,7 +1172,8 @@ def _self_instruct_columns(ds: datasets.Dataset, plan: _Plan, source: DataSource
     """Self-Instruct rows (`instruction` + `instances: [{input, output}]`) read as alpaca from their first instance,
     so the nested input is not lost; said in a note, with how many rows hold more instances than the one read."""
     visible = set(_visible_columns(list(ds.column_names), plan))
-    if (source.format not in ("auto", "alpaca") or kind == "preference" or not {"instruction", "instances"} <= visible
+    if (source.format not in ("auto", "alpaca") or kind in ("preference", "unpaired")
+            or not {"instruction", "instances"} <= visible
             or {"input", "output"} & visible):  # fmt: skip
         return plan
     extra = {"input": "instances.0.input"} | ({"output": "instances.0.output"} if kind == "sft" else {})
@@ -1124,7 +1238,13 @@ def _detect_format(ds: datasets.Dataset, plan: _Plan, visible: list[str], kind: 
             return "prompt"
         if "instruction" in columns:
             return "alpaca"
-    elif kind == "preference":
+    elif kind == "unpaired" and {"prompt", "completion"} <= columns and "chosen" not in columns:
+        if "label" in columns:
+            return "prompt_completion"
+        raise UserError(f"{where}: prompt and completion but no label column; KTO needs each completion labelled "
+                        f"desirable or not (true/false, 1/0 or yes/no): map the column that says so with "
+                        f"{what}.columns, e.g. {{label: thumbs_up}}; columns found: [{', '.join(visible)}].")
+    elif kind in ("preference", "unpaired"):
         if {"chosen", "rejected"} <= columns:
             if "conversations" in columns:
                 return "sharegpt"
