@@ -1,6 +1,6 @@
 """`rlhf data inspect RECIPE`: each data source of a recipe as its trainer will see it, without loading any model.
 
-For every source (sft/rm/ppo: `data.train` and `data.eval`; eval: `eval.preferences`, `eval.demonstrations`,
+For every source (sft/rm/ppo/dpo/kto: `data.train` and `data.eval`; eval: `eval.preferences`, `eval.demonstrations`,
 `eval.prompts`; generate: `generate.prompts`) it prints the format the loader read, the column mapping, the rows
 read/kept/dropped by the loader, the token lengths against the stage's limit with what `data.on_too_long` does (or
 would do), and rendered examples: the token ids the trainer gets (chat template applied, after the length rule),
@@ -25,7 +25,7 @@ class Source:
 
     what: str  # the recipe key, e.g. "data.train"
     source: object  # DataSource
-    kind: str  # sft | preference | prompt
+    kind: str  # sft | preference | prompt | unpaired
     max_length: int
     limit_key: str  # the recipe key that sets max_length
     on_too_long: str
@@ -37,9 +37,9 @@ class Source:
 
 
 STAGE_TRAINERS = {"sft": "TRL SFTTrainer", "rm": "TRL RewardTrainer", "ppo": "rlhf_cli PPOTrainer",
-                  "dpo": "TRL DPOTrainer"}  # fmt: skip
+                  "dpo": "TRL DPOTrainer", "kto": "TRL KTOTrainer"}  # fmt: skip
 DPO_TRAINERS = {"orpo": "TRL ORPOTrainer (experimental)", "simpo": "TRL CPOTrainer (experimental, simpo loss)"}
-STAGE_KINDS = {"sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference"}
+STAGE_KINDS = {"sft": "sft", "rm": "preference", "ppo": "prompt", "dpo": "preference", "kto": "unpaired"}
 
 
 def sources_of(recipe: Recipe, stage: str) -> list[Source]:
@@ -136,6 +136,9 @@ def source_lines(item: Source, *, examples: int = 2, tokenizers: dict | None = N
     lines.append(f"  rows           {report.rows_read} read{limited}, {report.rows_kept} kept by the loader; "
                  f"dropped: {dropped}")  # fmt: skip
     lines += [f"  note           {note}" for note in report.notes]
+    if item.kind == "unpaired":
+        desirable = sum(dataset["label"])
+        lines.append(f"  labels         {desirable} desirable (true), {len(dataset) - desirable} undesirable (false)")
 
     template = sft_template_for_loss(tokenizer, item.training) if item.kind == "sft" else None
     reader = _reader(item, tokenizer)
@@ -165,8 +168,10 @@ def source_lines(item: Source, *, examples: int = 2, tokenizers: dict | None = N
     else:  # eval / generate: no on_too_long, a longer row is always cut
         lines.append(f"  longer rows    {lengths.action(item.kind, report.format)}")
     for number, position in enumerate(_example_positions(fitted, encodings, examples), 1):
-        lines += [""] + _render(number, fitted.indices[position], encodings[fitted.indices[position]],
-                                fitted.encodings[position], tokenizer, item.kind)  # fmt: skip
+        index = fitted.indices[position]
+        label = dataset[index]["label"] if item.kind == "unpaired" else None
+        lines += [""] + _render(number, index, encodings[index], fitted.encodings[position], tokenizer, item.kind,
+                                label)  # fmt: skip
     return lines
 
 
@@ -215,10 +220,11 @@ def _example_positions(fitted, encodings, count: int) -> list[int]:
     return sorted(chosen[:count])
 
 
-def _render(number: int, index: int, before, after, tokenizer, kind: str) -> list[str]:
+def _render(number: int, index: int, before, after, tokenizer, kind: str, label: bool | None = None) -> list[str]:
     cut = f", cut from {before.length} to {after.length} tokens" if after.length < before.length else ""
     lines = [f"  example {number}: row {index + 1}{cut}, as the model reads it"]
-    names = {"preference": ["chosen", "rejected"], "sft": ["sequence"], "prompt": ["prompt"]}[kind]
+    names = {"preference": ["chosen", "rejected"], "sft": ["sequence"], "prompt": ["prompt"],
+             "unpaired": ["desirable" if label else "undesirable"]}[kind]  # fmt: skip
     for name, ids in zip(names, after.sequences):
         if after.boundary is None or kind == "prompt":
             parts = f"{len(ids)} tokens"

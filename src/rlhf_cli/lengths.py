@@ -24,6 +24,8 @@ TRL), cut, and handed to the trainer in the columns TRL accepts as already proce
                     `assistant_only_loss`), next to the original columns, so TRL's own defaults (completion-only
                     loss for prompt/completion data) are decided as before. TRL then builds the labels; its
                     truncation to `max_length` and its filter of rows with no trained token change nothing.
+    DPO / KTO       `prompt_ids` + the response ids (`chosen_ids` / `rejected_ids`, or `completion_ids` + `label`),
+                    which `rlhf_cli.stages.pretokenized` hands to the trainers untouched.
 
 No detokenize/retokenize round trip is involved (that would not reproduce the counted tokens), and
 `rlhf_cli.stages.common.train` checks after building the trainer that it holds as many rows as were kept.
@@ -318,6 +320,20 @@ def encode_sft(tokenizer, row: dict, *, assistant_only_loss: bool = False, chat_
     return Encoded([ids], boundary, [masks])
 
 
+def encode_unpaired(tokenizer, row: dict) -> Encoded:
+    """An unpaired (KTO) row as TRL's KTOTrainer tokenizes it: the prompt alone (chat template with the generation
+    prompt, or the text) and prompt + completion (the whole conversation, or the text with EOS appended). The
+    boundary is where the two stop agreeing, as TRL's `common_prefix_length`."""
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list):
+        prompt_ids = _chat(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        ids = _chat(tokenizer, prompt + completion)["input_ids"]
+    else:
+        prompt_ids = _text_ids(tokenizer, prompt)
+        ids = _text_ids(tokenizer, prompt + _with_eos(completion, tokenizer.eos_token))
+    return Encoded([list(ids)], common_prefix(prompt_ids, ids))
+
+
 def encode_prompt(tokenizer, prompt) -> Encoded:
     """A prompt to answer, as the PPO trainer encodes it: the chat template with the generation prompt, or the text
     without special tokens. All of it is prompt: it keeps its end."""
@@ -383,9 +399,12 @@ def _cut(encoded: Encoded, max_length: int) -> Encoded:
 
 def encode_dataset(dataset: datasets.Dataset, tokenizer, kind: str, *, assistant_only_loss: bool = False,
                    chat_template: str | None = None) -> list[Encoded]:  # fmt: skip
-    """Every row of a `load_data` dataset of `kind` (sft, preference, prompt), tokenized as its trainer reads it."""
+    """Every row of a `load_data` dataset of `kind` (sft, preference, prompt, unpaired), tokenized as its trainer
+    reads it."""
     if kind == "preference":
         return [encode_pair(tokenizer, row) for row in dataset]
+    if kind == "unpaired":
+        return [encode_unpaired(tokenizer, row) for row in dataset]
     if kind == "prompt":
         return [encode_prompt(tokenizer, prompt) for prompt in dataset["prompt"]]
     return [encode_sft(tokenizer, row, assistant_only_loss=assistant_only_loss, chat_template=chat_template)
@@ -406,6 +425,10 @@ def trainer_dataset(dataset: datasets.Dataset, kind: str, fitted: Fitted, *,
         return datasets.Dataset.from_dict({"chosen_ids": [r.sequences[0] for r in rows],
                                            "rejected_ids": [r.sequences[1] for r in rows]})  # fmt: skip
     out = dataset.select(fitted.indices) if len(fitted.indices) < len(dataset) else dataset
+    if kind == "unpaired":
+        out = out.add_column("prompt_ids", [r.sequences[0][: r.boundary] for r in rows])
+        out = out.add_column("completion_ids", [r.sequences[0][r.boundary :] for r in rows])
+        return out.select(kl_order(len(out)))
     if kind == "preference":
         columns = {"prompt_ids": [r.sequences[0][: r.boundary] for r in rows],
                    "chosen_ids": [r.sequences[0][r.boundary :] for r in rows],
@@ -448,6 +471,43 @@ def _check_trainable(fitted: Fitted, training: dict, what: str) -> None:
                             "row.")  # fmt: skip
 
 
+def kl_order(rows: int) -> list[int]:
+    """The order unpaired rows reach KTOTrainer: the even rows in place, the odd rows between them rotated by half:
+        0, 2h+1, 2, 2h+3, 4, ...   with h = ceil(odd rows / 2), the odd rows taken cyclically
+    KTO estimates its KL reference point from each row's prompt with the PREVIOUS row's completion (TRL samples in
+    order), which must be a completion to another prompt. Preference pairs unpaired lie side by side (x, y_w),
+    (x, y_l): here, from three pairs on, the two answers to one prompt end up at least three places and about half
+    the data apart, so no neighbours share a prompt (nor the first and last row of a batch, unless a batch holds
+    about half the rows), and desirable and undesirable rows alternate in every batch."""
+    evens, odds = list(range(0, rows, 2)), list(range(1, rows, 2))
+    shift = (len(odds) + 1) // 2
+    odds = odds[shift:] + odds[:shift]
+    order = [index for pair in zip(evens, odds) for index in pair]
+    return order + evens[len(odds):]
+
+
+def check_unpaired(encodings: Sequence[Encoded], dataset: datasets.Dataset, what: str) -> None:
+    """KTO scores each completion's log-probability GIVEN its prompt: a row needs a prompt token (the first
+    completion token is predicted from it) and a completion token of its own. The error quotes the row's prompt,
+    since its number counts the rows left after the hold-out (and a pair gives two rows)."""
+    for index, encoded in enumerate(encodings, 1):
+        if encoded.boundary and len(encoded.sequences[0]) > encoded.boundary:
+            continue
+        prompt = dataset[index - 1]["prompt"]
+        row = f"{what}, row {index} (prompt {_last_text(prompt)!r:.60})"
+        if not encoded.boundary:
+            raise UserError(f"{row}: no token of the prompt is left once the completion follows it (the tokenizer "
+                            "merges the prompt into the completion's first token), so there is no prompt to score "
+                            "the completion against; end the prompt with a space or newline, or drop the "
+                            "row.")  # fmt: skip
+        raise UserError(f"{row}: the completion has no token after the prompt (the chat template renders nothing "
+                        "for it), so there is nothing to score; fix or drop the row.")  # fmt: skip
+
+
+def _last_text(prompt) -> str:
+    return prompt[-1]["content"] if isinstance(prompt, list) else prompt
+
+
 def check_prompted(encodings: Sequence[Encoded], what: str, command: str = "rlhf dpo") -> None:
     """DPO-style losses compare the policy's and the reference's log-probabilities of each response GIVEN its
     prompt: a pair whose responses share no beginning (no prompt column, no common start) has no prompt, and a
@@ -476,6 +536,8 @@ def fit_dataset(dataset: datasets.Dataset, tokenizer, kind: str, *, max_length: 
                                chat_template=template)  # fmt: skip
     if split_prompt and check:
         check_prompted(encodings, what)
+    if kind == "unpaired" and check:
+        check_unpaired(encodings, dataset, what)
     fitted = fit_rows(encodings, max_length=max_length, on_too_long=on_too_long, what=what, limit_key=limit_key,
                       check=check)  # fmt: skip
     if kind == "sft" and check:
