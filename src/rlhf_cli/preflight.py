@@ -95,6 +95,8 @@ def _training(recipe: Recipe, stage: str) -> list[str]:
                         "(or data.eval_split), or remove eval_strategy.")  # fmt: skip
     if stage in ("dpo", "kto"):
         problems += _preference_losses(recipe, stage)
+    if stage == "kto":
+        problems += _kto_batches(recipe)
     if stage == "ppo" and recipe.ppo is not None:
         if recipe.ppo.algorithm == "ppo":
             from rlhf_cli.ppo.config import PPOConfig
@@ -146,6 +148,32 @@ def _preference_losses(recipe: Recipe, stage: str) -> list[str]:
         problems.append(f"training.loss_weights: {len(weights)} weight{'s' if len(weights) != 1 else ''} for "
                         f"{len(listed)} loss type{'s' if len(listed) != 1 else ''} ({', '.join(map(str, listed))}); "
                         "give one weight per loss_type, in the same order.")  # fmt: skip
+    return problems
+
+
+def _kto_batches(recipe: Recipe) -> list[str]:
+    """KTO's KL reference point is estimated within each batch from every prompt paired with another row's
+    completion, which needs a second row in the batch and the rows in their fixed order; TRL refuses otherwise, but
+    only once the model is loaded. apo_zero_unpaired has no KL term and needs neither."""
+    from rlhf_cli.trl_fields import config_default
+
+    training = recipe.training
+    if training.get("loss_type", "kto") == "apo_zero_unpaired":
+        return []
+    problems = []
+    batch = training.get("per_device_train_batch_size")
+    batch = config_default("KTOConfig", "per_device_train_batch_size") if batch is None else batch
+    if isinstance(batch, int) and batch <= 1:
+        problems.append(f"training.per_device_train_batch_size is {batch}, but KTO estimates its KL reference point "
+                        "from the other rows of each batch (each prompt with another row's completion), so it needs "
+                        "at least 2 rows per device batch; use 2 or more (gradient_accumulation_steps does not "
+                        "count: the estimate is per batch), or loss_type: apo_zero_unpaired, which has no KL "
+                        "term.")  # fmt: skip
+    sampling = training.get("train_sampling_strategy", "sequential")
+    if sampling != "sequential":
+        problems.append(f"training.train_sampling_strategy is {sampling!r}, but KTO pairs each row with its "
+                        "neighbour's completion for its KL estimate, which holds only in the rows' fixed order; "
+                        "remove it (KTO's default is sequential).")  # fmt: skip
     return problems
 
 

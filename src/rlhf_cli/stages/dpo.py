@@ -21,8 +21,9 @@ from rlhf_cli.stages.common import Default, Stage, TrainerInputs
 PRETOKENIZED = "rlhf_cli.stages.pretokenized"
 
 
-def reference_model(inputs: TrainerInputs) -> dict:
-    """DPO's frozen reference: the model named in dpo.ref_model, else one copy of the policy's starting weights.
+def reference_model(inputs: TrainerInputs, section: str = "dpo") -> dict:
+    """The frozen reference of DPO (and KTO, `section="kto"`): the model named in `<section>.ref_model`, else one
+    copy of the policy's starting weights.
 
     No copy where TRL needs none: with LoRA the reference is the base with the adapter switched off, and with
     precompute_ref_log_probs the starting policy scores the data once before training."""
@@ -31,9 +32,9 @@ def reference_model(inputs: TrainerInputs) -> dict:
     from rlhf_cli.models import check_same_vocabulary, load_model
 
     recipe, training = inputs.recipe, inputs.recipe.training
-    if recipe.dpo.ref_model:
-        path = recipe.dpo.ref_model
-        check_same_vocabulary(inputs.tokenizer, path, "dpo.ref_model")
+    path = getattr(recipe, section).ref_model
+    if path:
+        check_same_vocabulary(inputs.tokenizer, path, f"{section}.ref_model")
         spec = recipe.model.model_copy(update={"name_or_path": path, "gguf_file": None, "revision": None,
                                                "lora": None})  # fmt: skip
         return {"ref_model": load_model(spec, path, "causal_lm", inputs.tokenizer)}
