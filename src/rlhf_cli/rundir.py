@@ -20,6 +20,7 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
@@ -81,10 +82,12 @@ def _user_entries(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.iterdir() if p.name not in _BOOKKEEPING] if run_dir.is_dir() else []
 
 
-def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool = False, resumable: bool = True) -> None:
+def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool = False, resumable: bool = True,
+                  keep: Callable[[Path], bool] | None = None) -> None:  # fmt: skip
     """Refuse what would lose work: a directory this tool did not create, a previous run without --overwrite,
-    --resume without a checkpoint. Writes nothing. `resumable=False` for commands without checkpoints (eval,
-    generate): the hint then leaves out --resume."""
+    --resume without a checkpoint (or, with `keep`, without the work `keep` recognises, e.g. a labelling
+    session's candidates). Writes nothing. `resumable=False` for commands without checkpoints (eval, generate):
+    the hint then leaves out --resume."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other: choose one.")
     if run_dir.exists() and not run_dir.is_dir():
@@ -98,7 +101,10 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool = False, resum
             f"{MARKER_FILE} marker), so it is never written into or replaced, with or without --overwrite. Choose a "
             f"new --output-dir. (If it is a run of an older rlhf-cli, `touch {run_dir / MARKER_FILE}` adopts it.)"
         )
-    if resume:
+    if resume and keep is not None:
+        if not keep(run_dir):
+            raise UserError(f"{run_dir} holds nothing to continue.")
+    elif resume:
         if last_checkpoint(run_dir) is None:
             raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from (no complete checkpoint-* folder).")
     elif existing and not overwrite:
@@ -178,15 +184,20 @@ class RunDirectory:
     here that ends with nothing worth keeping is removed, so a failed or interrupted start leaves nothing behind.
     """
 
-    def __init__(self, path: Path, *, overwrite: bool, resume: bool = False, resumable: bool = True):
+    def __init__(self, path: Path, *, overwrite: bool, resume: bool = False, resumable: bool = True,
+                 keep: Callable[[Path], bool] | None = None):  # fmt: skip
+        """`keep`: what makes an unfinished run worth keeping (default: a complete checkpoint)."""
         self.path, self.overwrite, self.resume, self.resumable = path, overwrite, resume, resumable
+        self.keep = keep or (lambda path: last_checkpoint(path) is not None)
+        self._keep_given = keep is not None
         self.created = False  # this run made the directory (a new one or a replacement)
         self.aside: Path | None = None  # where the replaced run waits until this one succeeds
         self.code: int | None = None
         self._locks: list = []
 
     def __enter__(self) -> RunDirectory:
-        check_run_dir(self.path, overwrite=self.overwrite, resume=self.resume, resumable=self.resumable)
+        check_run_dir(self.path, overwrite=self.overwrite, resume=self.resume, resumable=self.resumable,
+                      keep=self.keep if self._keep_given else None)  # fmt: skip
         if self.path.is_dir() and (self.path / MARKER_FILE).is_file():
             self._locks.append(_lock(self.path))  # held from the checks on: nobody starts or replaces it meanwhile
         return self
@@ -248,7 +259,7 @@ class RunDirectory:
             if self.aside is not None:
                 shutil.rmtree(self.aside, ignore_errors=True)
             return
-        if last_checkpoint(self.path) is not None:  # resumable work: keep it, and keep the old run too
+        if self.keep(self.path):  # resumable work: keep it, and keep the old run too
             if self.aside is not None:
                 _warn(f"The run this one was to replace is kept in {self.aside}, since this run did not finish; "
                       "delete it yourself once you no longer need it.")  # fmt: skip

@@ -224,7 +224,7 @@ def stage_default_rows() -> list[tuple[str, str, str]]:
                          f"Set by rlhf-cli when the recipe has no data.eval and no data.eval_split: "
                          f"{stage.default_eval_split:.0%} of data.train (at least {HOLDOUT_MIN_ROWS}, at most "
                          f"{HOLDOUT_MAX_ROWS} rows; none below {HOLDOUT_MIN_DATA} rows) is held out and evaluated "
-                         "for the held-out accuracy. 0 turns it off."))  # fmt: skip
+                         "for held-out metrics (train-rm and dpo: the held-out accuracy). 0 turns it off."))  # fmt: skip
         for key, default in stage.training_defaults.items():
             shown = _shown(default.value) + (f" (LoRA: {_shown(default.lora)})" if default.lora is not None else "")
             trl = _shown(config_default(stage.config_class, key))
@@ -353,7 +353,7 @@ def holdout_plan(stage: Stage, recipe: Recipe, rows: int) -> tuple[int, str | No
     share = f"{stage.default_eval_split:.0%}, at least {HOLDOUT_MIN_ROWS}, at most {HOLDOUT_MAX_ROWS}"
     return (size, f"default hold-out: {size} of {rows} rows of data.train, seed {seed}",
             f"{size} of {rows} rows of data.train held out as evaluation data ({share}; picked by seed {seed}) for "
-            "the held-out accuracy; data.eval_split: 0 trains on every row, data.eval names other evaluation "
+            "held-out metrics; data.eval_split: 0 trains on every row, data.eval names other evaluation "
             "data.")  # fmt: skip
 
 
@@ -480,7 +480,8 @@ def train(
     train_data, eval_data = data.train, data.eval
     model_path = resolve_model_path(recipe.model, recipe.seed)
     tokenizer = load_tokenizer(recipe.model, model_path, conversational=is_conversational(train_data[0]))
-    if data.loaded is not None and (recipe.data.on_too_long == "error" or stage.split_prompt) and stage.length_key:
+    checks_rows = stage.split_prompt or stage.data_kind == "unpaired"  # rows without a prompt are refused by number
+    if data.loaded is not None and (recipe.data.on_too_long == "error" or checks_rows) and stage.length_key:
         # Check data.train whole first, so that the error counts its rows and names the row as loaded.
         fit_stage_data(stage, recipe, tokenizer, data.loaded, None)
     # Long examples are cut, dropped or refused here, tokenized as TRL would: TRL itself then removes nothing.
