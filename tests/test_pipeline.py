@@ -147,7 +147,7 @@ def test_interrupted_middle_stage_resumes_without_redoing_sft(tmp_path):
 def test_pipeline_bad_inputs_are_named(tmp_path):
     out = str(tmp_path / "o")
     assert_refused(["-o", out, "--from", "bogus"], "--from bogus", "sft, rm, ppo, eval")
-    assert_refused(["-o", out, "--set", "stages.dpo={}"], "unknown stage(s) dpo")
+    assert_refused(["-o", out, "--set", "stages.grpo={}"], "unknown stage(s) grpo")  # dpo and kto are stages now
     assert_refused(["-o", out, "--set", "trainin={}"], "unknown top-level key(s) trainin")
     assert_refused(["-o", out, "--set", "stages.ppo.output_dir=x"], "stages.ppo.output_dir is set by the pipeline")
     assert_refused(["-o", out, "--set", "stages.ppo.training.response_length=600"], "exceeds the model's 512 positions")

@@ -286,14 +286,17 @@ def pipeline(
     overrides: SetOpt = None,
     output_dir: OutputOpt = None,
     from_stage: Annotated[
-        Optional[str], typer.Option("--from", help="Re-run this stage and every stage after it (sft, rm, ppo, eval).")
+        Optional[str], typer.Option("--from", help="Re-run this stage and every later stage that reads its output "
+                                    "(a stage of the recipe's route: sft, rm, ppo, dpo, kto, eval).")
     ] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage, on the outputs already there.")] = None,
     dry_run: DryRunOpt = False,
 ) -> None:
-    """SFT -> reward model -> PPO -> eval from one recipe, each stage's output wired into the next.
+    """SFT, then PPO against a reward model, DPO or KTO, then eval, from one recipe, each stage's output wired into
+    the next.
 
-    Every stage recipe and every hand-off (tokenizers, chat template, pad token, LoRA vs merged weights, lengths) is
+    The stage sections present choose the route: sft -> rm -> ppo -> eval, sft -> dpo -> eval, sft -> kto -> eval,
+    or sft -> rm -> ppo + dpo -> eval (one eval comparing both policies). Every stage recipe and every hand-off (tokenizers, chat template, pad token, LoRA vs merged weights, lengths) is
     checked before anything trains. Finished stages whose recipe and inputs are unchanged are skipped; an
     interrupted stage resumes from its checkpoint. See docs/pipeline.md.
     """

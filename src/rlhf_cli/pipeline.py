@@ -1,17 +1,30 @@
-"""`rlhf pipeline`: SFT -> reward model -> PPO -> eval from one recipe, each stage's output wired into the next.
+"""`rlhf pipeline`: SFT, then a policy stage (PPO against a reward model, DPO or KTO), then eval, from one recipe,
+each stage's output wired into the next.
 
 A pipeline recipe holds shared defaults (model, distributed, seed, report_to) and a section per stage under
-`stages:`; each section is an ordinary stage recipe minus what the pipeline wires in:
+`stages:`; each section is an ordinary stage recipe minus what the pipeline wires in. The sections present choose
+the route (ROUTES):
 
-    sft   model: the shared model                         -> OUT/sft
-    rm    model: OUT/sft (the SFT policy initialises the RM) -> OUT/rm
+    ppo       sft -> rm -> ppo -> eval      (rm may be left out when PPO's reward is a rule function)
+    dpo       sft -> dpo -> eval            (an rm stage may be added: it scores the eval)
+    kto       sft -> kto -> eval            (likewise)
+    ppo+dpo   sft -> rm -> ppo + dpo -> eval, one eval comparing both policies
+
+and the wiring (a key set in a stage's section wins over it):
+
+    sft   model: the shared model                            -> OUT/sft
+    rm    model: OUT/sft (the SFT policy initialises the RM)    -> OUT/rm
     ppo   model: OUT/sft, ppo.reward.model: OUT/rm (critic init and reference follow) -> OUT/ppo
-    eval  model: OUT/ppo, eval.reference: OUT/sft, eval.reward_model: OUT/rm, eval.ppo_run: OUT/ppo -> OUT/eval
+    dpo   model: OUT/sft (also its default reference)         -> OUT/dpo
+    kto   model: OUT/sft (also its default reference)         -> OUT/kto
+    eval  model: OUT/<policy stage>, eval.reference: OUT/sft, eval.reward_model: OUT/rm (when there is an rm
+          stage), eval.ppo_run: OUT/ppo (when there is a ppo stage); ppo+dpo: model OUT/ppo named ppo, and
+          eval.compare: {dpo: OUT/dpo}                          -> OUT/eval
 
-A key set in a stage's section wins over the wiring. Every stage recipe is validated and every hand-off checked
-before anything trains. `OUT/pipeline.json` records each stage's content hash (its resolved recipe, its data files
-and the hashes of the stages it reads from); a stage whose hash is unchanged and that finished is skipped, a changed
-one re-runs with everything downstream, and an interrupted one resumes from its checkpoint.
+Every stage recipe is validated and every hand-off checked before anything trains. `OUT/pipeline.json` records
+each stage's content hash (its resolved recipe, its data files and the hashes of the stages whose outputs it
+reads); a stage whose hash is unchanged and that finished is skipped, a changed one re-runs with everything
+downstream, and an interrupted one resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +39,18 @@ from pathlib import Path
 from rlhf_cli.errors import UserError
 from rlhf_cli.recipe import COMMANDS, Recipe, apply_overrides, read_recipe_file, recipe_to_yaml, validate_recipe
 
-STAGE_ORDER = ("sft", "rm", "ppo", "eval")
+STAGE_ORDER = ("sft", "rm", "ppo", "dpo", "kto", "eval")  # the order stages run in, whichever route
+POLICY_STAGES = ("ppo", "dpo", "kto")  # the stages that turn the SFT policy into the aligned one
 SHARED_KEYS = ("model", "distributed", "seed", "report_to")
 STATE_FILE = "pipeline.json"
-UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "eval": ("sft", "rm", "ppo")}
+ROUTES = {  # route name (its policy stages joined by +): the stages it runs; eval is optional in each
+    "ppo": "sft -> rm -> ppo -> eval (rm may be left out when stages.ppo.ppo.reward.function is a rule reward)",
+    "dpo": "sft -> dpo -> eval",
+    "kto": "sft -> kto -> eval",
+    "ppo+dpo": "sft -> rm -> ppo + dpo -> eval (one eval comparing both policies)",
+}
+ROUTES_TEXT = ("The routes: " + "; ".join(ROUTES.values()) + ". An rm stage may join the dpo and kto routes to "
+               "score their eval; eval is optional and always last.")  # fmt: skip
 
 
 @dataclass
@@ -41,6 +62,42 @@ class PipelineStage:
     status: str = ""  # what this invocation did: ran, resumed, skipped
     seconds: float = 0.0
     summary: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- the route
+
+
+def detect_route(present, *, rule_reward: bool = False, source: str = "Pipeline recipe") -> str:
+    """The route the stage sections `present` make ("ppo", "dpo", "kto" or "ppo+dpo"), or one UserError naming
+    what is wrong and listing the routes. `rule_reward`: the ppo section's reward is a rule function (no rm
+    needed)."""
+    present = set(present)
+    policies = [name for name in POLICY_STAGES if name in present]
+    problem = ""
+    if "sft" not in present:
+        problem = "there is no sft stage, and every route starts from the SFT policy"
+    elif not policies:
+        problem = "no stage trains the policy after SFT (ppo, dpo or kto)"
+    elif "kto" in policies and len(policies) > 1:
+        problem = (f"kto and {' and '.join(name for name in policies if name != 'kto')} would each train a policy "
+                   "from SFT; keep one (only ppo + dpo are compared in one pipeline)")  # fmt: skip
+    elif "ppo" in policies and "rm" not in present and not rule_reward:
+        problem = ("ppo has no reward model to train against: add an rm stage, or give PPO a rule reward "
+                   "(stages.ppo.ppo.reward.function)")  # fmt: skip
+    if problem:
+        given = ", ".join(name for name in STAGE_ORDER if name in present) or "none"
+        raise UserError(f"{source}: its stages ({given}) make no pipeline route: {problem}. {ROUTES_TEXT}")
+    return "+".join(policies)
+
+
+def route_line(stages: list[PipelineStage]) -> str:
+    """The stages as they hand over, e.g. 'sft -> rm -> ppo + dpo -> eval'."""
+    names = [stage.name for stage in stages]
+    steps = [name for name in ("sft", "rm") if name in names]
+    policies = [name for name in POLICY_STAGES if name in names]
+    if policies:
+        steps.append(" + ".join(policies))
+    return " -> ".join(steps + (["eval"] if "eval" in names else []))
 
 
 # ---------------------------------------------------------------- building the stage recipes
@@ -72,19 +129,27 @@ def link_outputs(recipe: Recipe, out: Path) -> None:
     recipe.model.name_or_path = real(recipe.model.name_or_path)
     if recipe.ppo is not None:
         recipe.ppo.reward.model = real(recipe.ppo.reward.model)
+    for section in (recipe.dpo, recipe.kto):
+        if section is not None:
+            section.ref_model = real(section.ref_model)
     evaluation = getattr(recipe, "eval", None)
     if evaluation is not None:
         evaluation.reference = real(evaluation.reference)
         evaluation.reward_model = real(evaluation.reward_model)
+        compare = getattr(evaluation, "compare", None)
+        if compare:
+            for label, path in compare.items():
+                compare[label] = real(path)
 
 
-def wired_stage_raw(name: str, section: dict, shared: dict, out: Path) -> dict:
-    """One stage's raw recipe: wiring and shared defaults first, the stage's own section on top."""
+def wired_stage_raw(name: str, section: dict, shared: dict, out: Path, present=("sft", "rm", "ppo", "eval")) -> dict:
+    """One stage's raw recipe: wiring and shared defaults first, the stage's own section on top. `present`: the
+    pipeline's stages (the eval's wiring depends on the route); by default the sft -> rm -> ppo -> eval route."""
     outputs = {stage: placeholder(stage) for stage in STAGE_ORDER}
     base: dict = {key: shared[key] for key in ("distributed", "seed", "report_to") if key in shared}
     if name == "sft":
         base["model"] = copy.deepcopy(shared.get("model", {}))
-    elif name == "rm":
+    elif name in ("rm", "dpo", "kto"):  # dpo/kto: the SFT policy is also their default reference
         base["model"] = {"name_or_path": outputs["sft"]}
     elif name == "ppo":
         base["model"] = {"name_or_path": outputs["sft"]}
@@ -92,13 +157,19 @@ def wired_stage_raw(name: str, section: dict, shared: dict, out: Path) -> dict:
         if "function" not in reward:  # a rule reward replaces the reward model
             base["ppo"] = {"reward": {"model": outputs["rm"]}}
     elif name == "eval":
-        base["model"] = {"name_or_path": outputs["ppo"]}
-        base["eval"] = {"reference": outputs["sft"], "reward_model": outputs["rm"]}  # ppo_run: after validation
+        policies = [stage for stage in POLICY_STAGES if stage in present] or ["ppo"]
+        base["model"] = {"name_or_path": outputs[policies[0]]}
+        base["eval"] = {"reference": outputs["sft"]}  # ppo_run: after validation
+        if "rm" in present:
+            base["eval"]["reward_model"] = outputs["rm"]
+        if len(policies) > 1:  # ppo+dpo: one report, both policies on the same prompts
+            base["eval"]["name"] = policies[0]
+            base["eval"]["compare"] = {stage: outputs[stage] for stage in policies[1:]}
     raw = _deep_merge(base, section)
     raw["stage"] = name
     raw["output_dir"] = str(out / name)
-    if name in ("rm", "ppo", "eval") and "model" in section and "name_or_path" not in section["model"]:
-        raw["model"]["name_or_path"] = base["model"]["name_or_path"]
+    if name != "sft" and "model" in section and section["model"] is None:  # `model:` left empty: the wired one
+        raw["model"] = base["model"]
     return raw
 
 
@@ -108,8 +179,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_d
     raw = apply_overrides(read_recipe_file(path), overrides or [])
     if "stages" not in raw:
         single = f" It is a recipe for `{COMMANDS[raw['stage']]}`." if raw.get("stage") in COMMANDS else ""
-        raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with sections for sft, rm, ppo and "
-                        f"eval.{single}")  # fmt: skip
+        raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with a section per stage of its route."
+                        f"{single} {ROUTES_TEXT}")  # fmt: skip
     unknown = sorted(set(raw) - {*SHARED_KEYS, "stages", "output_dir"})
     if unknown:
         raise UserError(
@@ -118,13 +189,17 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_d
         )
     sections = raw.get("stages")
     if not isinstance(sections, dict) or not sections:
-        raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with sections for sft, rm, ppo and eval.")
+        raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with a section per stage of its route. "
+                        f"{ROUTES_TEXT}")  # fmt: skip
     bad = sorted(set(sections) - set(STAGE_ORDER))
     if bad:
         raise UserError(f"Pipeline recipe {path}: unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGE_ORDER)}.")
-    missing = [name for name in STAGE_ORDER[:3] if name not in sections]
-    if missing:
-        raise UserError(f"Pipeline recipe {path}: stages.{missing[0]} is missing; a pipeline runs sft, rm and ppo.")
+    for name in sections:
+        if sections[name] is not None and not isinstance(sections[name], dict):
+            raise UserError(f"Pipeline recipe {path}: stages.{name} must be a mapping of recipe keys.")
+    reward = ((sections.get("ppo") or {}).get("ppo") or {}).get("reward")
+    detect_route(sections, rule_reward=isinstance(reward, dict) and "function" in reward,
+                 source=f"Pipeline recipe {path}")  # fmt: skip
     chosen = output_dir or raw.get("output_dir")
     if not chosen:
         raise UserError("No output directory: set `output_dir` in the pipeline recipe or pass --output-dir.")
@@ -135,12 +210,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_d
         if name not in sections:
             continue
         section = sections[name] or {}
-        if not isinstance(section, dict):
-            raise UserError(f"Pipeline recipe {path}: stages.{name} must be a mapping of recipe keys.")
         for key in ("stage", "output_dir"):
             if key in section:
                 raise UserError(f"Pipeline recipe {path}: stages.{name}.{key} is set by the pipeline; remove it.")
-        stage_raw = wired_stage_raw(name, section, raw, out)
+        stage_raw = wired_stage_raw(name, section, raw, out, present=tuple(sections))
         try:
             recipe = validate_recipe(stage_raw, name, source=f"{path} (stages.{name})", base_dir=base_dir)
         except UserError as exc:
@@ -149,19 +222,18 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_d
         if name == "eval" and recipe.eval.ppo_run is None and "ppo" in sections:
             recipe.eval.ppo_run = str(out / "ppo")  # validation wants it to exist; it will, once ppo has run
         stages.append(PipelineStage(name, recipe, out / name))
-    check_lora_handoffs(stages)
+    check_lora_handoffs(stages, out)
     return out, stages
 
 
 # ---------------------------------------------------------------- hand-off checks
 
 
-def check_lora_handoffs(stages: list[PipelineStage]) -> None:
+def check_lora_handoffs(stages: list[PipelineStage], out: Path) -> None:
     """A stage whose output a later stage loads as a model must leave full weights, not only an adapter."""
-    readers = {stage.name for stage in stages}
     for stage in stages:
         lora = stage.recipe.model.lora
-        feeds = [name for name in STAGE_ORDER if stage.name in UPSTREAM[name] and name in readers]
+        feeds = [other.name for other in stages if stage.name in upstream(other, out)]
         if lora is not None and not lora.merge and feeds and stage.name != "eval":
             raise UserError(
                 f"Stage {stage.name}: model.lora.merge is false, so {stage.run_dir} will hold only a LoRA adapter, "
@@ -176,13 +248,7 @@ def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
     base = None  # loaded only when some stage reads a model that already exists
     produced = {str(stage.run_dir) for stage in stages}
     for stage in stages:
-        links = [("model.name_or_path", stage.recipe.model.name_or_path)]
-        if stage.recipe.ppo is not None:
-            links += [("ppo.reward.model", stage.recipe.ppo.reward.model), ("ppo.value_model", stage.recipe.ppo.value_model),
-                      ("ppo.ref_model", stage.recipe.ppo.ref_model)]  # fmt: skip
-        evaluation = getattr(stage.recipe, "eval", None)
-        if evaluation is not None:
-            links += [("eval.reference", evaluation.reference), ("eval.reward_model", evaluation.reward_model)]
+        links = [(key, path) for key, path in model_links(stage.recipe).items() if key != "eval.ppo_run"]
         for key, path in links:
             if not path or path in produced or path == first.model.name_or_path or not Path(path).is_dir():
                 continue  # produced by an earlier stage from the same start, or the start itself
@@ -243,19 +309,37 @@ def validate_pipeline(path, overrides=None, output_dir=None) -> tuple[Path, list
     return out, stages
 
 
+def model_links(recipe: Recipe) -> dict[str, str | None]:
+    """{recipe key: path} of every model (and PPO run) a stage recipe reads; eval.compare.NAME for each compared
+    policy."""
+    links = {"model.name_or_path": recipe.model.name_or_path if recipe.model else None}
+    if recipe.ppo is not None:
+        links.update({"ppo.reward.model": recipe.ppo.reward.model, "ppo.value_model": recipe.ppo.value_model,
+                      "ppo.ref_model": recipe.ppo.ref_model})  # fmt: skip
+    for name in ("dpo", "kto"):
+        section = getattr(recipe, name, None)
+        if section is not None:
+            links[f"{name}.ref_model"] = section.ref_model
+    evaluation = getattr(recipe, "eval", None)
+    if evaluation is not None:
+        links.update({"eval.reference": evaluation.reference, "eval.reward_model": evaluation.reward_model,
+                      "eval.ppo_run": evaluation.ppo_run})  # fmt: skip
+        compare = getattr(evaluation, "compare", None) or {}
+        links.update({f"eval.compare.{label}": path for label, path in compare.items()})
+    return links
+
+
 def reads_from(stage: PipelineStage, out: Path) -> dict[str, str]:
     """{recipe key: stage} for each model path of `stage` that is the output of a stage of the pipeline in `out`."""
     produced = {str(out / name): name for name in STAGE_ORDER}
-    recipe = stage.recipe
-    keys = {"model.name_or_path": recipe.model.name_or_path if recipe.model else None}
-    if recipe.ppo is not None:
-        keys.update({"ppo.reward.model": recipe.ppo.reward.model, "ppo.value_model": recipe.ppo.value_model,
-                     "ppo.ref_model": recipe.ppo.ref_model})  # fmt: skip
-    evaluation = getattr(recipe, "eval", None)
-    if evaluation is not None:
-        keys.update({"eval.reference": evaluation.reference, "eval.reward_model": evaluation.reward_model,
-                     "eval.ppo_run": evaluation.ppo_run})  # fmt: skip
-    return {key: produced[value] for key, value in keys.items() if value in produced}
+    return {key: produced[value] for key, value in model_links(stage.recipe).items() if value in produced}
+
+
+def upstream(stage: PipelineStage, out: Path) -> list[str]:
+    """The stages whose outputs `stage` reads, in run order: its hash includes theirs, it re-runs when they do, and
+    --only needs them finished. Read from the wired recipe, so a link overridden by another path drops out."""
+    read = set(reads_from(stage, out).values()) - {stage.name}
+    return [name for name in STAGE_ORDER if name in read]
 
 
 # ---------------------------------------------------------------- hashing and state
@@ -286,6 +370,15 @@ def stage_hash(stage: PipelineStage, upstream_hashes: list[str]) -> str:
     return digest.hexdigest()
 
 
+def stage_hashes(stages: list[PipelineStage], out: Path) -> dict[str, str]:
+    """Set and return every stage's hash, in run order: each includes the hashes of the stages it reads from."""
+    hashes: dict[str, str] = {}
+    for stage in stages:
+        stage.hash = stage_hash(stage, [hashes[name] for name in upstream(stage, out) if name in hashes])
+        hashes[stage.name] = stage.hash
+    return hashes
+
+
 def read_state(out: Path) -> dict:
     path = out / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -305,7 +398,7 @@ def finished(stage: PipelineStage) -> bool:
 
 
 def run_one(stage: PipelineStage, *, overwrite: bool, resume: bool, dry_run: bool) -> int:
-    from rlhf_cli.stages import STAGES
+    from rlhf_cli.stages import stage_for
     from rlhf_cli.stages.common import run_stage
     from rlhf_cli.stages.ppo import run_ppo
 
@@ -316,7 +409,7 @@ def run_one(stage: PipelineStage, *, overwrite: bool, resume: bool, dry_run: boo
         return run_eval(stage.recipe, **options)
     if stage.name == "ppo":
         return run_ppo(stage.recipe, resume=resume, **options)
-    return run_stage(STAGES[stage.name], stage.recipe, resume=resume, **options)
+    return run_stage(stage_for(stage.recipe, stage.name), stage.recipe, resume=resume, **options)  # dpo: its algorithm
 
 
 def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only=None, dry_run=False) -> int:
@@ -330,10 +423,8 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
             raise UserError(f"{flag} {value}: this pipeline's stages are {', '.join(names)}.")
     check_stages(stages)
 
-    hashes: dict[str, str] = {}
-    for stage in stages:
-        stage.hash = stage_hash(stage, [hashes[name] for name in UPSTREAM[stage.name] if name in hashes])
-        hashes[stage.name] = stage.hash
+    stage_hashes(stages, out)
+    heading(console, f"[bold]pipeline[/] {route_line(stages)} -> {out}")
     if dry_run:
         for stage in stages:
             heading(console, f"[bold]stage {stage.name}[/] -> {stage.run_dir}")
@@ -356,17 +447,18 @@ def _run_stages(out: Path, stages: list[PipelineStage], *, from_stage, only, con
     for stage in stages:
         if stage.name in selected:
             continue
-        needed = only is not None and stage.name in UPSTREAM[only]
+        needed = only is not None and stage.name in upstream(stages[names.index(only)], out)
         before_start = only is None and names.index(stage.name) < start
         if (needed or before_start) and not finished(stage):
             raise UserError(f"Stage {stage.name} has not finished in {stage.run_dir}; run it first (drop --from/--only).")
         stage.status = "kept"
+    ran: set[str] = set()  # the stages this invocation (re-)made: every stage reading one of them runs too
     for stage in stages:
         if stage.name not in selected:
             continue
         recorded = state.get(stage.name, {})
         unchanged = recorded.get("hash") == stage.hash
-        forced = stage.name in (only, from_stage)
+        forced = stage.name in (only, from_stage) or bool(ran & set(upstream(stage, out)))
         if unchanged and recorded.get("status") == "done" and finished(stage) and not forced:
             stage.status = "skipped (unchanged)"
             continue
@@ -387,6 +479,7 @@ def _run_stages(out: Path, stages: list[PipelineStage], *, from_stage, only, con
         state[stage.name] = {"hash": stage.hash, "status": "done", "seconds": round(stage.seconds, 1)}
         write_state(out, state)
         stage.status = "resumed" if resume else "ran"
+        ran.add(stage.name)
     print_pipeline_summary(out, stages, state, console)
     return 0
 
@@ -405,6 +498,12 @@ def _win(win: dict) -> str:
 def _eval_results(stage: PipelineStage) -> dict | None:
     path = stage.run_dir / "eval.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# The figures of a DPO (and orpo/simpo) or KTO stage's summary.json shown in the table: its implicit reward
+# beta*log(pi/pi_ref) on held-out data (docs/dpo.md). KTO sees no pairs, so it has margins but no accuracy.
+PREFERENCE_FIGURES = {"dpo": ("rewards/accuracies", "rewards/margins", "rewards/chosen"),
+                      "kto": ("rewards/margins", "rewards/chosen", "rewards/rejected", "kl")}  # fmt: skip
 
 
 def _headline(stage: PipelineStage) -> str:
@@ -429,11 +528,19 @@ def _headline(stage: PipelineStage) -> str:
     if not path.is_file():
         return ""
     summary = json.loads(path.read_text())
-    keys = {"sft": ("train loss (last log window)", "held-out loss"), "rm": ("held-out accuracy",
-            "train accuracy (last log window)"),
-            "ppo": ("score (first steps)", "score (last steps)", "kl (last steps)",
-                    "reward (first steps)", "reward (last steps)")}[stage.name]  # fmt: skip
-    return ", ".join(f"{key} {_number(summary[key])}" for key in keys if key in summary)
+    if stage.name in PREFERENCE_FIGURES:  # the implicit reward on held-out pairs/rows, else the last training window
+        names = PREFERENCE_FIGURES[stage.name]
+        keys = [f"held-out {name}" for name in names if f"held-out {name}" in summary]
+        keys = keys or [f"train {name} (last log window)" for name in names]
+    else:
+        keys = {"sft": ("train loss (last log window)", "held-out loss"), "rm": ("held-out accuracy",
+                "train accuracy (last log window)"),
+                "ppo": ("score (first steps)", "score (last steps)", "kl (last steps)",
+                        "reward (first steps)", "reward (last steps)")}[stage.name]  # fmt: skip
+    line = ", ".join(f"{key} {_number(summary[key])}" for key in keys if key in summary)
+    if any(str(warning).startswith("likelihood displacement") for warning in summary.get("warnings", [])):
+        line += "; likelihood displacement: the chosen responses fell below the reference (summary.json)"
+    return line
 
 
 def eval_headline(stage: PipelineStage) -> str:
