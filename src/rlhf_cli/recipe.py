@@ -423,8 +423,18 @@ class GenerateSpec(SamplingSpec):
 class EvalSpec(SamplingSpec):
     """`rlhf eval`: measure a policy (`model:`) against a reference, and a reward model on preference pairs."""
 
+    name: str = Field(
+        "policy", min_length=1, description="Label of the policy `model:` in the report and in `policies` of "
+        "eval.json (with eval.compare)."
+    )
+    compare: dict[str, str] = Field(
+        default_factory=dict, description="More policies to evaluate beside `model:`, {name: directory or hub id}: "
+        "each answers the same prompts with the same seeds, is scored by the same reward model and judge, and the "
+        "report adds each policy's numbers and the win rate of every pair of policies."
+    )
     reference: str | None = Field(
-        None, description="Reference policy (directory or hub id), e.g. the SFT model; enables win rate and KL."
+        None, description="Reference policy (directory or hub id), e.g. the SFT model; enables win rate and KL, "
+        "and with preferences a DPO policy's implicit reward."
     )
     reward_model: str | None = Field(
         None, description="Reward model (directory or hub id) that scores responses and preference pairs."
@@ -436,7 +446,12 @@ class EvalSpec(SamplingSpec):
         None, description="Prompts to sample the policy (and reference) on; absent: no sampling."
     )
     preferences: DataSource | None = Field(
-        None, description="Held-out preference pairs for the reward model's accuracy, calibration and length bias."
+        None, description="Held-out preference pairs: the reward model's accuracy, calibration and length bias; "
+        "with a reference, a DPO policy's implicit-reward accuracy and margin."
+    )
+    beta: float | None = Field(
+        None, gt=0.0, description="beta of the implicit reward beta*log(pi/pi_ref) on preferences; default: "
+        "training.beta of a DPO policy's recipe.yaml (TRL's 0.1 when unset), else 0.1. Accuracy does not depend on it."
     )
     demonstrations: DataSource | None = Field(
         None, description="Held-out SFT data for the perplexity of the policy (and reference)."
@@ -455,12 +470,29 @@ class EvalSpec(SamplingSpec):
     def _something_to_do(self) -> EvalSpec:
         if not (self.prompts or self.preferences or self.demonstrations or self.ppo_run):
             raise ValueError("nothing to evaluate: give prompts, preferences, demonstrations or ppo_run")
-        if self.preferences and not self.reward_model:
-            raise ValueError("preferences are scored by a reward model: set reward_model")
+        if self.preferences and not (self.reward_model or self.reference):
+            raise ValueError("preferences are scored by a reward model, or by a DPO policy's implicit reward against "
+                             "a reference: set reward_model or reference")
         if self.judge and not self.prompts:
             raise ValueError("judge scores sampled responses: it needs prompts")
-        if self.reference and not (self.prompts or self.demonstrations):
-            raise ValueError("reference is compared on prompts or demonstrations: give one of them")
+        if self.reference and not (self.prompts or self.demonstrations or self.preferences):
+            raise ValueError("reference is compared on prompts, demonstrations or preferences: give one of them")
+        if self.compare and not (self.prompts or self.demonstrations or (self.preferences and self.reference)):
+            raise ValueError("compare evaluates every policy on prompts, demonstrations or (with a reference) "
+                             "preferences: give one of them")
+        if self.name == "reference":
+            raise ValueError("'reference' names eval.reference in the report: choose another eval.name")
+        for key, path in self.compare.items():
+            if key == self.name:
+                raise ValueError(f"compare.{key} has the name of the policy `model:` (eval.name = {self.name!r}); "
+                                 "give each policy its own name")
+            if key == "reference":
+                raise ValueError("compare.reference: 'reference' names eval.reference in the report; choose "
+                                 "another policy name")
+            if not key.strip() or key != key.strip():
+                raise ValueError(f"compare: policy name {key!r} must be non-empty, without surrounding spaces")
+            if not path.strip():
+                raise ValueError(f"compare.{key}: give the policy's directory or hub id")
         return self
 
 
@@ -652,7 +684,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise UserError(f"--set {item!r}: {where} is a value, not a section.")
             node = child
         parsed = parse_yaml(value, f"--set {key}")
-        if key.strip() in _PATH_KEYS and isinstance(parsed, str) and (Path.cwd() / parsed).exists():
+        path_key = key.strip() in _PATH_KEYS or key.strip().startswith("eval.compare.")
+        if path_key and isinstance(parsed, str) and (Path.cwd() / parsed).exists():
             parsed = str((Path.cwd() / parsed).resolve())  # typed at the shell: relative to where it was typed
         node[parts[-1]] = parsed
     return raw
@@ -806,6 +839,8 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
         if spec.judge is not None:
             spec.judge.model = _resolve_path(spec.judge.model, base_dir, must_exist=False, what="eval.judge.model")
         spec.ppo_run = _resolve_path(spec.ppo_run, base_dir, must_exist=True, what="eval.ppo_run")
+        spec.compare = {name: _resolve_path(path, base_dir, must_exist=False, what=f"eval.compare.{name}")
+                        for name, path in spec.compare.items()}  # fmt: skip
         sources.update({f"eval.{name}": getattr(spec, name) for name in ("prompts", "preferences", "demonstrations")})
     if recipe.generate is not None:
         spec = recipe.generate
@@ -940,10 +975,14 @@ def _check_sections_without_training(recipe: Recipe, stage: str, source: str) ->
         if present:
             raise UserError(f"Recipe {source}: the {stage} stage {reason}.")
     if stage == "eval" and recipe.model is None:
-        needs = [key for key in ("prompts", "demonstrations") if getattr(recipe.eval, key) is not None]
+        needs = [key for key in ("prompts", "demonstrations", "compare") if getattr(recipe.eval, key)]
         if needs:
             raise UserError(f"Recipe {source}: eval.{needs[0]} is for evaluating a policy, and the recipe names "
                             "none; set model.name_or_path to the policy.")  # fmt: skip
+        if recipe.eval.preferences is not None and recipe.eval.reward_model is None:
+            raise UserError(f"Recipe {source}: eval.preferences without eval.reward_model are scored by a policy's "
+                            "implicit reward against eval.reference, and the recipe names no policy; set "
+                            "model.name_or_path to the (DPO) policy, or eval.reward_model.")  # fmt: skip
 
 
 def load_recipe(path: str | Path, stage: str, overrides: list[str] | None = None) -> Recipe:

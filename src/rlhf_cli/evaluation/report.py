@@ -34,6 +34,23 @@ are exactly what the functions in `rlhf_cli.evaluation.metrics` return, so a sta
             "win_rate": {...as in policy...}, "policy_score": {...}, "reference_score": {...},
             "proxy_correlation": float,          # metrics.pearson(reward-model scores, judge scores)
         },
+        "implicit_reward": {                     # metrics.implicit_reward_metrics(...) of the policy on the pairs
+            "num_pairs", "beta", "accuracy", "accuracy_strict", "wins", "ties", "losses", "tie_tolerance",
+            "mean_margin", "chosen_reward", "rejected_reward",
+            "logps": {"policy": {"chosen", "rejected"}, "reference": {...}, "change": {...}},
+            "likelihood_displacement": bool,
+            "beta_source": str, "max_length": int, "max_length_source": str, "pairs_cut": int,
+        },
+        "warnings": [str, ...],                  # likelihood displacement, ...; absent when there is none
+        "policies": {                            # with eval.compare: every policy, `model:` first (eval.name)
+            name: {"path": str, "prompts": int,
+                   "score": {...summarize}, "win_rate": {...vs reference}, "judge_score": {...},
+                   "judge_win_rate": {...}, "kl": {...}, "diversity": {...}, "perplexity": float,
+                   "implicit_reward": {...as above...}},   # each key only when its part ran for that policy
+        },
+        "head_to_head": [                        # with eval.compare: every pair of policies once, per scorer
+            {"a": str, "b": str, "scorer": "reward_model" | "judge", **metrics.win_rate(scores of a, scores of b)},
+        ],
     }
 
 Within `policy` and `judge` each key is optional too. `samples` is a list of dicts with `prompt`,
@@ -208,6 +225,82 @@ def _judge_section(judge: dict) -> list[str]:
     return lines
 
 
+def _warnings_section(warnings: list[str]) -> list[str]:
+    return ["## Warnings", ""] + [f"- **Warning**: {_cell(line)}" for line in warnings] + [""]
+
+
+def _implicit_reward_table(sections: dict[str, dict]) -> list[str]:
+    rows = []
+    for name, ir in sections.items():
+        ties = f"{ir.get('ties')} ({_fmt(ir['ties'] / ir['num_pairs'] if ir.get('num_pairs') else None)})"
+        rows.append([name, ir.get("num_pairs"), ir.get("beta"), ir.get("accuracy"), ties, ir.get("accuracy_strict"),
+                     ir.get("mean_margin"), ir.get("chosen_reward"), ir.get("rejected_reward")])  # fmt: skip
+    return _table(["policy", "pairs", "beta", "accuracy (ties as half)", "ties (rate)", "accuracy (ties as wrong)",
+                   "mean margin", "mean r_chosen", "mean r_rejected"], rows)  # fmt: skip
+
+
+def _logps_table(sections: dict[str, dict]) -> list[str]:
+    rows = []
+    for name, ir in sections.items():
+        logps = ir.get("logps") or {}
+        for side in ("chosen", "rejected"):
+            rows.append([name, side, (logps.get("policy") or {}).get(side), (logps.get("reference") or {}).get(side),
+                         (logps.get("change") or {}).get(side)])  # fmt: skip
+    return _table(["policy", "response", "mean log p, policy", "mean log p, reference", "change"], rows)
+
+
+def _implicit_reward_section(sections: dict[str, dict]) -> list[str]:
+    lines = ["## Implicit reward on preference pairs", ""]
+    lines += _implicit_reward_table(sections)
+    lines += ["r(x, y) = beta · (log π(y|x) − log π_ref(y|x)), each log-probability summed over the response's "
+              "tokens. Accuracy is the share of pairs with r_chosen > r_rejected, a tie (equal log-ratios within "
+              "the tie tolerance) counting as half; the strict figure counts a tie as wrong, as TRL's "
+              "rewards/accuracies does. Neither depends on beta; the margin and the rewards scale with it.", ""]
+    lines += ["### Log-probabilities of the held-out responses", ""] + _logps_table(sections)
+    lines += ["A negative change of the chosen responses is likelihood displacement: the policy finds them less "
+              "likely than the reference does, the margin notwithstanding.", ""]
+    for name, ir in sections.items():
+        beta = ir.get("beta")
+        detail = (f"beta {beta:g} ({_cell(str(ir.get('beta_source')))}); pairs cut at "
+                  f"{ir.get('max_length')} tokens ({_cell(str(ir.get('max_length_source')))}): "
+                  f"{ir.get('pairs_cut')} of {ir.get('num_pairs')} cut")  # fmt: skip
+        lines += [f"- **{_cell(name)}**: {detail}"]
+    return lines + [""]
+
+
+def _win_cell(win: dict | None) -> str | None:
+    if not win:
+        return None
+    return f"{_fmt(win.get('win_rate'))} [{_fmt(win.get('ci_low'))}, {_fmt(win.get('ci_high'))}]"
+
+
+def _policies_section(policies: dict[str, dict], head_to_head: list[dict]) -> list[str]:
+    lines = ["## Policies compared", ""]
+    rows = []
+    for name, entry in policies.items():
+        diversity = entry.get("diversity") or {}
+        implicit = entry.get("implicit_reward") or {}
+        rows.append([name, (entry.get("score") or {}).get("mean"), _win_cell(entry.get("win_rate")),
+                     (entry.get("judge_score") or {}).get("mean"), _win_cell(entry.get("judge_win_rate")),
+                     (entry.get("kl") or {}).get("kl"), diversity.get("mean_length"), diversity.get("eos_rate"),
+                     diversity.get("distinct_2"), entry.get("perplexity"), implicit.get("accuracy")])  # fmt: skip
+    header = ["policy", "mean score", "win rate vs reference [95% CI]", "judge mean", "judge win rate [95% CI]",
+              "KL to reference", "mean length", "EOS rate", "distinct-2", "perplexity", "implicit-reward accuracy"]
+    shown = [0] + [i for i in range(1, len(header)) if any(row[i] is not None for row in rows)]  # parts that ran
+    lines += _table([header[i] for i in shown], [[row[i] for i in shown] for row in rows])
+    lines += [f"- **{_cell(name)}**: {_cell(str(entry.get('path', '')))}" for name, entry in policies.items()] + [""]
+    if head_to_head:
+        lines += ["### Head to head", ""]
+        lines += _table(["policy a", "policy b", "scored by", "win rate of a over b", "95% Wilson interval", "wins",
+                         "ties", "losses", "n"],
+                        [[h.get("a"), h.get("b"), "reward model" if h.get("scorer") == "reward_model" else "judge",
+                          h.get("win_rate"), f"{_fmt(h.get('ci_low'))} to {_fmt(h.get('ci_high'))}", h.get("wins"),
+                          h.get("ties"), h.get("losses"), h.get("n")] for h in head_to_head])  # fmt: skip
+        lines += ["Every policy answered the same prompts with the same sampling seeds; a tie counts as half a win.",
+                  ""]  # fmt: skip
+    return lines
+
+
 def _samples_section(samples: list[dict]) -> list[str]:
     with_reference = any("reference_response" in sample for sample in samples)
     header = ["#", "prompt", "policy response", "policy score"]
@@ -241,8 +334,16 @@ def render_markdown(results: dict, samples: list[dict], out_dir: Path | None = N
     meta = results.get("meta") or {}
     if meta:
         lines += [f"- **{_cell(key)}**: {_fmt(value)}" for key, value in meta.items()] + [""]
+    if results.get("warnings"):
+        lines += _warnings_section(results["warnings"])
     if results.get("reward_model"):
         lines += _reward_model_section(results["reward_model"])
+    implicit = {name: entry["implicit_reward"] for name, entry in (results.get("policies") or {}).items()
+                if entry.get("implicit_reward")}  # fmt: skip
+    if not implicit and results.get("implicit_reward"):
+        implicit = {"policy": results["implicit_reward"]}
+    if implicit:
+        lines += _implicit_reward_section(implicit)
     if results.get("policy"):
         lines += _policy_section(results["policy"])
     if results.get("diversity"):
@@ -251,6 +352,8 @@ def render_markdown(results: dict, samples: list[dict], out_dir: Path | None = N
         lines += _perplexity_section(results["perplexity"])
     if results.get("judge"):
         lines += _judge_section(results["judge"])
+    if results.get("policies"):
+        lines += _policies_section(results["policies"], results.get("head_to_head") or [])
     if samples:
         lines += _samples_section(samples)
     if out_dir is not None:

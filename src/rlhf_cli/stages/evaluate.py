@@ -8,6 +8,11 @@ Each part runs when the recipe's `eval:` section gives its data:
                     rate, distinct-1/2, repetition
     demonstrations  perplexity of the policy (and reference) on held-out SFT data
     ppo_run         training curves and proxy-score-vs-KL from a PPO run's metrics.jsonl
+    preferences + reference
+                    a DPO policy's implicit reward beta * log(pi/pi_ref) on held-out pairs: accuracy, margin, the
+                    chosen and rejected log-probabilities under policy and reference (likelihood displacement)
+    compare         more policies beside `model:`: each answers the same prompts with the same seeds and is scored
+                    alike; the report adds every policy's numbers and the win rate of every pair of policies
 
 The numbers come from `rlhf_cli.evaluation.metrics`, the files from `evaluation.report` and `evaluation.plots`;
 this module loads the models, samples, scores and assembles. Every input (data, models, tokenizers, the PPO run) is
@@ -18,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
@@ -47,6 +52,49 @@ from rlhf_cli.stages.generate import (
 
 SAMPLES_FILE = "samples.jsonl"
 PAIR_SCORES_FILE = "pair_scores.jsonl"
+IMPLICIT_REWARDS_FILE = "implicit_rewards.jsonl"
+REFERENCE = "reference"  # the reference's label; no policy may take it (EvalSpec)
+
+
+@dataclass
+class TrainedAs:
+    """What a policy directory's recipe.yaml says about how it was trained (all None when it has none)."""
+
+    stage: str | None = None
+    algorithm: str | None = None  # dpo.algorithm of a `rlhf dpo` run: dpo, orpo or simpo
+    beta: float | None = None  # training.beta as the recipe set it (None: TRL's default)
+    max_length: int | None = None  # data.max_length: the pairs were cut there in training
+    reference: str | None = None  # what a DPO run trained against: dpo.ref_model, else its starting model
+
+    @property
+    def dpo(self) -> bool:
+        return self.stage == "dpo" and self.algorithm == "dpo"
+
+    @property
+    def reference_free(self) -> bool:
+        return self.stage == "dpo" and self.algorithm in ("orpo", "simpo")
+
+
+@dataclass
+class ImplicitPlan:
+    """How a policy's implicit reward is computed on eval.preferences."""
+
+    beta: float
+    beta_source: str
+    max_length: int  # pairs are cut here (then to the models' positions), as training cut them
+    length_source: str
+
+
+@dataclass
+class Policy:
+    """One evaluated policy: `model:` (named eval.name) or an eval.compare entry."""
+
+    name: str
+    path: str
+    what: str  # its recipe key, for messages: model.name_or_path or eval.compare.NAME
+    model: object = None
+    trained: TrainedAs = field(default_factory=TrainedAs)
+    implicit: ImplicitPlan | None = None  # None: no implicit reward for this policy
 
 
 @dataclass
@@ -62,7 +110,9 @@ class EvalInputs:
     reference: object = None
     reward: Scorer | None = None
     judge: Scorer | None = None
+    policies: list[Policy] = field(default_factory=list)  # `model:` first, then eval.compare in recipe order
     pair_scores: list[dict] | None = None  # set by `evaluate`: one row per preference pair, for pair_scores.jsonl
+    implicit_rows: list[dict] | None = None  # set by `evaluate`: one row per policy and pair, implicit_rewards.jsonl
 
 
 def run_eval(recipe: Recipe, *, output_dir: str | None = None, overwrite: bool = False, dry_run: bool = False) -> int:
@@ -82,6 +132,7 @@ def run_eval(recipe: Recipe, *, output_dir: str | None = None, overwrite: bool =
         results["meta"]["wall time (s)"] = round(time.time() - started, 1)
         write_outputs(run_dir, results, rows, inputs, recipe.eval)
         _print_headline(results, run_dir)
+        _print_warnings(results.get("warnings", []))
         return 0
 
 
@@ -108,9 +159,18 @@ def load_inputs(recipe: Recipe) -> EvalInputs:
     conversational = any(_is_conversational(x) for x in (inputs.prompts, inputs.pairs, inputs.demonstrations))
     if spec.judge is not None and spec.judge.function:  # an import error is quicker to find than a model to load
         load_scorer(spec.judge, "eval.judge", None, None, conversational=conversational)
+    if recipe.model is not None:  # what each policy is, and whether it has an implicit reward: before any model loads
+        inputs.policies = [Policy(spec.name, recipe.model.name_or_path, "model.name_or_path")]
+        inputs.policies += [Policy(name, path, f"eval.compare.{name}") for name, path in spec.compare.items()]
+        plan_implicit_rewards(inputs.policies, spec)
     if recipe.model is not None:
         inputs.policy, inputs.tokenizer = load_causal_lm(recipe.model, recipe.seed, "model",
                                                          conversational=conversational)  # fmt: skip
+        inputs.policies[0].model = inputs.policy
+    for policy in inputs.policies[1:]:
+        check_reference_tokenizer(inputs.tokenizer, policy.path, recipe, what=policy.what)
+        policy.model, _ = load_causal_lm(companion_spec(recipe.model, policy.path), recipe.seed, policy.what,
+                                         conversational=conversational, tokenizer=inputs.tokenizer)  # fmt: skip
     if spec.reference is not None:
         check_reference_tokenizer(inputs.tokenizer, spec.reference, recipe)
         inputs.reference, _ = load_causal_lm(companion_spec(recipe.model, spec.reference), recipe.seed,
@@ -153,9 +213,10 @@ def _is_conversational(data) -> bool:
     return isinstance(first, list)  # a prompt
 
 
-def check_reference_tokenizer(policy_tokenizer, reference: str, recipe: Recipe) -> None:
+def check_reference_tokenizer(policy_tokenizer, reference: str, recipe: Recipe, *,
+                              what: str = "eval.reference") -> None:  # fmt: skip
     """KL(policy || reference) compares both models' probabilities of the same token ids, and both answer the same
-    tokenized prompts: their tokenizers must agree."""
+    tokenized prompts: their tokenizers must agree. So must a compared policy's (`what`: eval.compare.NAME)."""
     from rlhf_cli.models import load_tokenizer, tokenizer_mismatch
 
     try:
@@ -165,10 +226,108 @@ def check_reference_tokenizer(policy_tokenizer, reference: str, recipe: Recipe) 
     mismatch = tokenizer_mismatch(policy_tokenizer, other)
     if mismatch:
         raise UserError(
-            f"eval.reference ({reference}) uses a different tokenizer from the policy: {mismatch}. The KL estimate "
-            "and the shared prompts need both models to read the same token ids. Compare a policy with the model "
-            "it was trained from."
+            f"{what} ({reference}) uses a different tokenizer from the policy: {mismatch}. The KL estimate "
+            "and the shared prompts need every model to read the same token ids. Compare policies trained from "
+            "the same model, against the model they were trained from."
         )
+
+
+# ---------------------------------------------------------------- what a policy is: its recipe.yaml
+
+
+def read_trained_as(path: str) -> TrainedAs:
+    """The facts of a run directory's resolved recipe.yaml that the implicit reward needs; empty for a hub id, a
+    directory without one, or one that cannot be read."""
+    import yaml
+
+    file = Path(path) / RESOLVED_RECIPE
+    if not file.is_file():
+        return TrainedAs()
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, yaml.YAMLError):
+        return TrainedAs()
+    if not isinstance(raw, dict):
+        return TrainedAs()
+
+    def section(key: str) -> dict:
+        value = raw.get(key)
+        return value if isinstance(value, dict) else {}
+
+    stage = raw.get("stage") if isinstance(raw.get("stage"), str) else None
+    out = TrainedAs(stage=stage)
+    if stage != "dpo":
+        return out
+    dpo, training, data, model = section("dpo"), section("training"), section("data"), section("model")
+    out.algorithm = dpo.get("algorithm") or "dpo"
+    beta = training.get("beta")
+    if isinstance(beta, (int, float)) and not isinstance(beta, bool) and beta > 0:
+        out.beta = float(beta)
+    if isinstance(data.get("max_length"), int) and data["max_length"] > 0:
+        out.max_length = data["max_length"]
+    reference = dpo.get("ref_model") or model.get("name_or_path")
+    out.reference = reference if isinstance(reference, str) else None
+    return out
+
+
+def plan_implicit_rewards(policies: list[Policy], spec: EvalSpec) -> None:
+    """Which policies get an implicit reward on eval.preferences, with which beta and cut, each decision said.
+
+    It needs eval.preferences and eval.reference. A DPO policy (`rlhf dpo`, algorithm dpo) gets it always; any other
+    policy when no reward model scores the pairs (they are there for this) or when eval.beta asks for it; an orpo
+    or simpo policy never (reference-free: its loss has no pi_ref). beta: eval.beta, else the DPO recipe's
+    training.beta (TRL's 0.1 when unset), else 0.1, assumed, with a note."""
+    from rlhf_cli.evaluation.metrics import DEFAULT_DPO_BETA
+    from rlhf_cli.rendering import print_note
+
+    if spec.preferences is None or spec.reference is None:
+        return
+    explicit_length = "max_length" in spec.model_fields_set
+    for policy in policies:
+        trained = policy.trained = read_trained_as(policy.path)
+        where = f"{policy.what} ({policy.path})"
+        if trained.reference_free:
+            print_note(f"{where} was trained with dpo.algorithm {trained.algorithm}, which is reference-free: it "
+                       "has no implicit reward against eval.reference, so eval.preferences are not scored for "
+                       "it.")  # fmt: skip
+            continue
+        if not (trained.dpo or spec.reward_model is None or spec.beta is not None):
+            continue  # the reward model scores the pairs; a policy not trained by DPO is not measured on them
+        if spec.beta is not None:
+            beta, source = spec.beta, "eval.beta"
+        elif trained.dpo and trained.beta is not None:
+            beta, source = trained.beta, f"training.beta of {Path(policy.path) / RESOLVED_RECIPE}"
+        elif trained.dpo:
+            beta, source = DEFAULT_DPO_BETA, "TRL's DPOConfig default: its DPO recipe sets no training.beta"
+        else:
+            beta, source = DEFAULT_DPO_BETA, "assumed: not a `rlhf dpo` run and eval.beta is unset"
+            print_note(f"{where} is not a DPO run (no recipe.yaml with `stage: dpo`), so its implicit reward uses "
+                       f"beta = {beta:g}, assumed; set eval.beta to choose it. The accuracy does not depend on "
+                       "beta, the margin and the rewards scale with it.")  # fmt: skip
+        if explicit_length or trained.max_length is None:
+            length, length_source = spec.max_length, "eval.max_length"
+            if explicit_length and trained.max_length is not None and trained.max_length != spec.max_length:
+                print_note(f"{where} was trained on pairs cut to {trained.max_length} tokens (data.max_length of "
+                           f"its recipe.yaml); eval.max_length cuts them at {spec.max_length} instead.")  # fmt: skip
+        else:
+            length, length_source = trained.max_length, "data.max_length of its DPO recipe"
+        if trained.dpo and trained.reference and not _same_path(trained.reference, spec.reference):
+            print_note(f"{where} was trained by DPO against {trained.reference}; its implicit reward here is "
+                       f"measured against eval.reference ({spec.reference}) instead.")  # fmt: skip
+        policy.implicit = ImplicitPlan(beta, source, length, length_source)
+    if spec.reward_model is None and not any(policy.implicit for policy in policies):
+        raise UserError("eval.preferences without eval.reward_model are scored by a policy's implicit reward "
+                        "against eval.reference, and no policy here has one (orpo and simpo policies are "
+                        "reference-free). Set eval.reward_model, or evaluate a `rlhf dpo` (algorithm dpo) "
+                        "policy.")  # fmt: skip
+
+
+def _same_path(one: str, other: str) -> bool:
+    """Whether two model paths name the same thing (directories compared resolved)."""
+    first, second = Path(one).expanduser(), Path(other).expanduser()
+    if first.exists() and second.exists():
+        return first.resolve() == second.resolve()
+    return one == other
 
 
 def read_ppo_records(run_dir: str) -> list[dict]:
@@ -200,14 +359,21 @@ def read_ppo_records(run_dir: str) -> list[dict]:
 
 
 def evaluate(inputs: EvalInputs, recipe: Recipe) -> tuple[dict, list[dict]]:
-    """(results for evaluation.report, one row per evaluated prompt for samples.jsonl)."""
+    """(results for evaluation.report, one row per evaluated prompt for samples.jsonl).
+
+    The top-level sections describe `model:` against the reference exactly as with one policy; with eval.compare,
+    `policies` holds every policy's numbers (`model:` first, under eval.name) and `head_to_head` the win rate of
+    every pair of policies on the same prompts."""
     from rlhf_cli.evaluation.metrics import reward_model_metrics
 
     spec = recipe.eval
     results: dict = {"meta": _meta(inputs, recipe)}
+    warnings: list[str] = []
+    per_policy: dict[str, dict] = {policy.name: {"path": policy.path} for policy in inputs.policies}
     rows: list[dict] = []
+    head_to_head: list[dict] = []
     with progress_bar() as progress:
-        if inputs.pairs is not None:
+        if inputs.pairs is not None and inputs.reward is not None:
             scored = score_pairs(inputs.reward, inputs.pairs, spec, progress)
             reader = inputs.reward.reader
             results["meta"]["preference pairs truncated"] = _cut_line(sum(scored.cut), len(inputs.pairs),
@@ -216,13 +382,46 @@ def evaluate(inputs: EvalInputs, recipe: Recipe) -> tuple[dict, list[dict]]:
                                                            scored.rejected_lengths,
                                                            spec.calibration_buckets)  # fmt: skip
             inputs.pair_scores = scored.rows()
+        if inputs.pairs is not None and any(policy.implicit for policy in inputs.policies):
+            sections, inputs.implicit_rows = implicit_reward_sections(inputs, spec, progress)
+            for name, section in sections.items():
+                per_policy[name]["implicit_reward"] = section
+                if section["likelihood_displacement"]:
+                    warnings.append(displacement_warning(section, name, single=not spec.compare))
+            main = inputs.policies[0].name
+            if main in sections:
+                results["implicit_reward"] = sections[main]
         if inputs.prompts is not None:
-            sections, rows = evaluate_policy(inputs, spec, recipe.seed, progress)
+            sections, rows, numbers, head_to_head = evaluate_policy(inputs, spec, recipe.seed, progress)
             results.update(sections)
+            for name, entry in numbers.items():
+                per_policy[name].update(entry)
         if inputs.demonstrations is not None:
-            results["perplexity"], cut = perplexities(inputs, spec, progress)
+            values, cut = perplexities(inputs, spec, progress)
+            results["perplexity"] = {label: values[name] for label, name in
+                                     (("policy", spec.name), (REFERENCE, REFERENCE)) if name in values}  # fmt: skip
+            for name in per_policy:
+                per_policy[name]["perplexity"] = values[name]
             results["meta"]["demonstrations truncated"] = _cut_line(cut, len(inputs.demonstrations))
+    if spec.compare:
+        results["policies"] = per_policy
+        results["head_to_head"] = head_to_head
+    if warnings:
+        results["warnings"] = warnings
     return results, rows
+
+
+def displacement_warning(section: dict, name: str, *, single: bool) -> str:
+    """The likelihood-displacement warning for one policy's implicit-reward section."""
+    logps = section["logps"]
+    who = "the policy" if single else f"policy {name!r}"
+    margin = ("the margin is positive only because the rejected ones fell further" if section["mean_margin"] > 0
+              else "and the margin is not positive either")  # fmt: skip
+    return (f"likelihood displacement: on {section['num_pairs']} held-out pairs the chosen responses are LESS likely "
+            f"under {who} than under the reference (mean log-probability {logps['policy']['chosen']:.3f} against "
+            f"{logps['reference']['chosen']:.3f}, change {logps['change']['chosen']:+.3f}; rejected "
+            f"{logps['change']['rejected']:+.3f}): {margin}. Read the policy's outputs; a larger beta, fewer epochs "
+            "or an SFT term (loss_type: [sigmoid, sft]) counter it. See docs/eval.md.")  # fmt: skip
 
 
 def _cut_line(cut: int, rows: int, max_length: int | None = None) -> str:
@@ -235,6 +434,8 @@ def _meta(inputs: EvalInputs, recipe: Recipe) -> dict:
     meta = {}
     if recipe.model is not None:
         meta["policy"] = recipe.model.name_or_path
+    if spec.compare or spec.name != "policy":
+        meta["policies"] = ", ".join(f"{policy.name} ({policy.path})" for policy in inputs.policies)
     for key, value in (("reference", spec.reference), ("reward model", spec.reward_model),
                        ("judge", inputs.judge.name if inputs.judge else None)):  # fmt: skip
         if value:
@@ -268,19 +469,25 @@ def _source_name(source) -> str:
     return source.path or source.name
 
 
-def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int, progress) -> tuple[dict, list[dict]]:
-    """Sample the policy and the reference on the same prompts with the same seeds, score both, estimate the KL."""
+def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int,
+                    progress) -> tuple[dict, list[dict], dict[str, dict], list[dict]]:  # fmt: skip
+    """Sample every policy and the reference on the same prompts with the same seeds, score them all, estimate each
+    policy's KL to the reference.
+
+    Returns (the top-level sections of `model:` against the reference, one row per prompt for samples.jsonl, each
+    policy's entry of `policies` by name, `head_to_head`: the win rate of every pair of policies under each scorer).
+    """
     from rlhf_cli.evaluation.metrics import diversity_metrics, pearson, sampled_kl, summarize, win_rate
     from rlhf_cli.ppo.trainer import encode_prompts
 
     tokenizer, prompts = inputs.tokenizer, inputs.prompts
-    budget = prompt_budget(inputs.policy, spec)
+    models = {policy.name: policy.model for policy in inputs.policies}
+    names = list(models)
+    main = names[0]
     if inputs.reference is not None:
-        budget = min(budget, prompt_budget(inputs.reference, spec))
+        models[REFERENCE] = inputs.reference
+    budget = min(prompt_budget(model, spec) for model in models.values())
     queries = encode_prompts({"prompt": prompts}, tokenizer, budget)
-    models = {"policy": inputs.policy}
-    if inputs.reference is not None:
-        models["reference"] = inputs.reference
     responses: dict[str, Responses] = {}
     for label, model in models.items():
         responses[label] = sample(model, tokenizer, queries, spec, seed, progress, f"{label}: sampling")
@@ -295,48 +502,175 @@ def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int, progress) -> 
     proxy, judged = scores_of(inputs.reward, "reward model"), scores_of(inputs.judge, "judge")
 
     def scores_and_wins(scores: dict[str, list[float]]) -> dict:
-        section = {f"{label}_score": summarize(values) for label, values in scores.items()}
-        if len(scores) == 2:
-            section["win_rate"] = win_rate(scores["policy"], scores["reference"])
+        """The section of `model:` (as "policy") against the reference, as with one policy."""
+        if not scores:
+            return {}
+        section = {"policy_score": summarize(scores[main])}
+        if REFERENCE in scores:
+            section["reference_score"] = summarize(scores[REFERENCE])
+            section["win_rate"] = win_rate(scores[main], scores[REFERENCE])
         return section
+
+    log_ratios: dict[str, list[float]] = {}
+    kl: dict[str, dict] = {}
+    if inputs.reference is not None:
+        pad = tokenizer.pad_token_id
+        for name in names:
+            answers = responses[name]
+            policy_lp = sequence_logprobs(models[name], answers.queries, answers.tokens, pad, spec.batch_size,
+                                          progress, f"KL: {name} log-probs")  # fmt: skip
+            reference_lp = sequence_logprobs(inputs.reference, answers.queries, answers.tokens, pad,
+                                             spec.batch_size, progress, f"KL: reference on {name}")  # fmt: skip
+            kl[name] = sampled_kl(policy_lp, reference_lp)
+            log_ratios[name] = [p - r for p, r in zip(policy_lp, reference_lp)]
+    diversity = {label: diversity_metrics(answers.tokens, tokenizer.eos_token_id)
+                 for label, answers in responses.items()}  # fmt: skip
 
     sections: dict = {}
     policy_section = scores_and_wins(proxy)
-    kl_terms = None
-    if inputs.reference is not None:
-        policy_answers = responses["policy"]
-        pad = tokenizer.pad_token_id
-        policy_lp = sequence_logprobs(inputs.policy, policy_answers.queries, policy_answers.tokens, pad,
-                                      spec.batch_size, progress, "KL: policy log-probs")  # fmt: skip
-        reference_lp = sequence_logprobs(inputs.reference, policy_answers.queries, policy_answers.tokens, pad,
-                                         spec.batch_size, progress, "KL: reference log-probs")  # fmt: skip
-        policy_section["kl"] = sampled_kl(policy_lp, reference_lp)
-        kl_terms = [p - r for p, r in zip(policy_lp, reference_lp)]
+    if main in kl:
+        policy_section["kl"] = kl[main]
     if policy_section:
         sections["policy"] = policy_section
-    sections["diversity"] = {label: diversity_metrics(answers.tokens, tokenizer.eos_token_id)
-                             for label, answers in responses.items()}  # fmt: skip
+    sections["diversity"] = {("policy" if label == main else label): diversity[label]
+                             for label in (main, REFERENCE) if label in diversity}  # fmt: skip
     if judged:
         judge_section = {"name": inputs.judge.name, **scores_and_wins(judged)}
         if proxy:
-            flat = [(p, j) for label in proxy for p, j in zip(proxy[label], judged[label])]
+            flat = [(p, j) for label in (main, REFERENCE) if label in proxy
+                    for p, j in zip(proxy[label], judged[label])]  # fmt: skip
             judge_section["proxy_correlation"] = pearson([p for p, _ in flat], [j for _, j in flat])
         sections["judge"] = judge_section
 
+    numbers: dict[str, dict] = {}
+    for name in names:
+        entry: dict = {"prompts": len(prompts)}
+        for key, scores in (("", proxy), ("judge_", judged)):
+            if scores:
+                entry[f"{key}score"] = summarize(scores[name])
+                if REFERENCE in scores:
+                    entry[f"{key}win_rate"] = win_rate(scores[name], scores[REFERENCE])
+        if name in kl:
+            entry["kl"] = kl[name]
+        entry["diversity"] = diversity[name]
+        numbers[name] = entry
+    head_to_head = [{"a": a, "b": b, "scorer": scorer, **win_rate(scores[a], scores[b])}
+                    for i, a in enumerate(names) for b in names[i + 1:]
+                    for scorer, scores in (("reward_model", proxy), ("judge", judged)) if scores]  # fmt: skip
+
     rows = []
     for i, prompt in enumerate(prompts):
-        row = {"prompt": prompt}
-        for label, answers in responses.items():
-            row[f"{label}_response"] = answers.texts[i]
-            row[f"{label}_tokens"] = len(answers.tokens[i])
-            row[f"{label}_finished"] = answers.finished[i]
-            if proxy:
-                row[f"{label}_score"] = proxy[label][i]
-            if judged:
-                row[f"{label}_judge_score"] = judged[label][i]
-        if kl_terms is not None:
-            row["log_ratio"] = kl_terms[i]
+        row: dict = {"prompt": prompt}
+        for label in (main, REFERENCE):
+            if label in responses:
+                row.update(_sample_fields("policy" if label == main else label, label, i, responses, proxy, judged))
+        if main in log_ratios:
+            row["log_ratio"] = log_ratios[main][i]
+        if len(names) > 1:
+            row["compare"] = {}
+            for name in names[1:]:
+                fields = _sample_fields("", name, i, responses, proxy, judged)
+                if name in log_ratios:
+                    fields["log_ratio"] = log_ratios[name][i]
+                row["compare"][name] = fields
         rows.append(row)
+    return sections, rows, numbers, head_to_head
+
+
+def _sample_fields(prefix: str, label: str, i: int, responses: dict[str, Responses], proxy: dict,
+                   judged: dict) -> dict:  # fmt: skip
+    """One model's answer to prompt i for samples.jsonl: PREFIX_response, _tokens, _finished, _score, _judge_score
+    (without a prefix: response, tokens, ...)."""
+    answers, head = responses[label], f"{prefix}_" if prefix else ""
+    fields = {f"{head}response": answers.texts[i], f"{head}tokens": len(answers.tokens[i]),
+              f"{head}finished": answers.finished[i]}  # fmt: skip
+    if proxy:
+        fields[f"{head}score"] = proxy[label][i]
+    if judged:
+        fields[f"{head}judge_score"] = judged[label][i]
+    return fields
+
+
+# ---------------------------------------------------------------- a policy's implicit reward on pairs
+
+
+@dataclass
+class PairTokens:
+    """Preference pairs as (query, response) token ids, cut as training cut them; chosen and rejected interleaved
+    (pair i is entries 2i and 2i + 1)."""
+
+    queries: list[list[int]]
+    responses: list[list[int]]
+    cut: list[bool]  # per pair: longer than the limit, so cut
+
+    def scored_lengths(self, pair: int) -> tuple[int, int]:
+        """Tokens scored of pair `pair`'s chosen and rejected response (after the cut)."""
+        return len(self.responses[2 * pair]), len(self.responses[2 * pair + 1])
+
+
+def pair_tokens(encodings: list, max_length: int) -> PairTokens:
+    """Each pair (`lengths.encode_pair`) cut with training's windows (`lengths.scoring_split`: the prompt's end and
+    each response's start, one prompt cut for both) and split into the shared query and each response."""
+    from rlhf_cli.lengths import scoring_split
+
+    out = PairTokens([], [], [])
+    for encoded in encodings:
+        for query, response in scoring_split(encoded.sequences, encoded.boundary, max_length):
+            out.queries.append(query)
+            out.responses.append(response)
+        out.cut.append(encoded.length > max_length)
+    return out
+
+
+def implicit_reward_sections(inputs: EvalInputs, spec: EvalSpec, progress) -> tuple[dict[str, dict], list[dict]]:
+    """Every planned policy's implicit reward on the preference pairs: ({name: section}, rows for
+    implicit_rewards.jsonl).
+
+    The pairs are tokenized as `rlhf dpo` tokenizes them (`lengths.encode_pair`: the chat template, or text with EOS
+    appended), cut at the policy's plan max_length (and within both models' positions), and each response's
+    log-probability summed over its tokens under the policy and under the reference, in batches of
+    eval.batch_size sequences. The reference is scored once per cut."""
+    from rlhf_cli.evaluation.metrics import implicit_reward_metrics, implicit_rewards, ties
+    from rlhf_cli.lengths import encode_pair
+
+    tokenizer, reference, pad = inputs.tokenizer, inputs.reference, inputs.tokenizer.pad_token_id
+    encodings = [encode_pair(tokenizer, row) for row in inputs.pairs]
+    reference_logps: dict[int, list[float]] = {}
+    sections: dict[str, dict] = {}
+    rows: list[dict] = []
+    for policy in inputs.policies:
+        plan = policy.implicit
+        if plan is None:
+            continue
+        limits = [limit for limit in (positions_limit(policy.model), positions_limit(reference)) if limit]
+        max_length = min([plan.max_length, *limits])
+        tokens = pair_tokens(encodings, max_length)
+        if max_length not in reference_logps:
+            reference_logps[max_length] = sequence_logprobs(reference, tokens.queries, tokens.responses, pad,
+                                                            spec.batch_size, progress,
+                                                            f"reference: pairs cut at {max_length}")  # fmt: skip
+        policy_lp = sequence_logprobs(policy.model, tokens.queries, tokens.responses, pad, spec.batch_size, progress,
+                                      f"{policy.name}: pair log-probs")  # fmt: skip
+        reference_lp = reference_logps[max_length]
+        pc, pr, rc, rr = policy_lp[0::2], policy_lp[1::2], reference_lp[0::2], reference_lp[1::2]
+        section = implicit_reward_metrics(pc, pr, rc, rr, plan.beta)
+        section["beta_source"] = plan.beta_source
+        section["max_length"] = max_length
+        section["max_length_source"] = plan.length_source
+        section["pairs_cut"] = sum(tokens.cut)
+        sections[policy.name] = section
+
+        chosen_reward, rejected_reward = implicit_rewards(pc, rc, plan.beta), implicit_rewards(pr, rr, plan.beta)
+        tied = ties([c - r for c, r in zip(pc, rc)], [c - r for c, r in zip(pr, rr)])
+        for i in range(len(pc)):
+            chosen_tokens, rejected_tokens = tokens.scored_lengths(i)
+            rows.append({"policy": policy.name, "pair": i + 1, "chosen_reward": float(chosen_reward[i]),
+                         "rejected_reward": float(rejected_reward[i]),
+                         "margin": float(chosen_reward[i] - rejected_reward[i]), "tie": bool(tied[i]),
+                         "chosen_logp_policy": pc[i], "chosen_logp_reference": rc[i],
+                         "rejected_logp_policy": pr[i], "rejected_logp_reference": rr[i],
+                         "chosen_tokens_scored": chosen_tokens, "rejected_tokens_scored": rejected_tokens,
+                         "cut": tokens.cut[i]})  # fmt: skip
     return sections, rows
 
 
@@ -438,14 +772,15 @@ def demonstration_ids(tokenizer, row: dict) -> tuple[list[int], int]:
 
 
 def perplexities(inputs: EvalInputs, spec: EvalSpec, progress) -> tuple[dict[str, float], int]:
-    """PPL = exp(total NLL / tokens) of every model on the demonstrations' scored tokens (temperature 1), and how
-    many demonstrations were longer than max_length (cut as SFT data is: the prompt's end, the completion's start)."""
+    """PPL = exp(total NLL / tokens) of every model (each policy by name, and "reference") on the demonstrations'
+    scored tokens (temperature 1), and how many demonstrations were longer than max_length (cut as SFT data is: the
+    prompt's end, the completion's start)."""
     from rlhf_cli.evaluation.metrics import perplexity
 
     tokenizer = inputs.tokenizer
-    models = {"policy": inputs.policy}
+    models = {policy.name: policy.model for policy in inputs.policies}
     if inputs.reference is not None:
-        models["reference"] = inputs.reference
+        models[REFERENCE] = inputs.reference
     limit = min(positions_limit(model) or spec.max_length for model in models.values())
     queries, answers = [], []
     max_length, truncated = min(spec.max_length, limit), 0
@@ -478,7 +813,8 @@ def _display_prompt(prompt) -> str:
 
 
 def write_outputs(run_dir: Path, results: dict, rows: list[dict], inputs: EvalInputs, spec: EvalSpec) -> None:
-    """PNG plots, eval.json + report.md (which links the plots), samples.jsonl, pair_scores.jsonl."""
+    """PNG plots, eval.json + report.md (which links the plots), samples.jsonl, pair_scores.jsonl,
+    implicit_rewards.jsonl."""
     from rlhf_cli.evaluation import plots
     from rlhf_cli.evaluation.report import write_report
 
@@ -501,7 +837,8 @@ def write_outputs(run_dir: Path, results: dict, rows: list[dict], inputs: EvalIn
             sample_row.update(reference_response=row["reference_response"], reference_score=row.get("reference_score"))
         samples.append(sample_row)
     write_report(run_dir, results, samples)
-    for name, records in ((SAMPLES_FILE, rows), (PAIR_SCORES_FILE, inputs.pair_scores)):
+    for name, records in ((SAMPLES_FILE, rows), (PAIR_SCORES_FILE, inputs.pair_scores),
+                          (IMPLICIT_REWARDS_FILE, inputs.implicit_rows)):  # fmt: skip
         if records:
             with (run_dir / name).open("w", encoding="utf-8") as handle:
                 for row in records:
@@ -542,15 +879,40 @@ def _print_headline(results: dict, run_dir: Path) -> None:
                                              f"length bias {bias} ({rm['num_pairs']} pairs)")  # fmt: skip
     for label, value in results.get("perplexity", {}).items():
         headline[f"{label} perplexity"] = f"{value:.3f}"
+    implicit = {name: entry["implicit_reward"] for name, entry in results.get("policies", {}).items()
+                if "implicit_reward" in entry}  # fmt: skip
+    if not implicit and "implicit_reward" in results:
+        implicit = {"policy": results["implicit_reward"]}
+    for name, section in implicit.items():
+        key = "implicit reward on pairs" if "policies" not in results else f"{name}: implicit reward on pairs"
+        headline[key] = (f"accuracy {section['accuracy']:.3f} (ties {section['ties']}, as half), margin "
+                         f"{section['mean_margin']:.3f}, chosen log-prob {section['logps']['change']['chosen']:+.3f} "
+                         f"vs reference (beta {section['beta']:g}, {section['num_pairs']} pairs)")  # fmt: skip
+    for entry in results.get("head_to_head", []):
+        scorer = "reward model" if entry["scorer"] == "reward_model" else "judge"
+        headline[f"{entry['a']} vs {entry['b']} ({scorer})"] = (f"win rate {entry['win_rate']:.3f} (95% CI "
+                                                                f"{entry['ci_low']:.3f} to {entry['ci_high']:.3f}, "
+                                                                f"n = {entry['n']})")  # fmt: skip
     headline["report"] = str(run_dir / "report.md")
     print_summary("Evaluation: done", headline)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    from rich.markup import escape
+
+    from rlhf_cli.console import make_console
+
+    for line in warnings:
+        make_console(stderr=True, soft_wrap=True).print(f"[yellow]Warning:[/] {escape(line)}", highlight=False)
 
 
 def _show_plan(recipe: Recipe, run_dir: Path) -> None:
     spec = recipe.eval
     plan: dict[str, object] = {}
     if recipe.model is not None:
-        plan["policy"] = recipe.model.name_or_path
+        plan["policy"] = recipe.model.name_or_path + (f" (named {spec.name})" if spec.name != "policy" else "")
+    for name, path in spec.compare.items():
+        plan[f"compared policy {name}"] = path
     plan["reference"] = spec.reference or "none (no win rate, no KL)"
     plan["reward model"] = spec.reward_model or "none"
     if spec.judge is not None:
@@ -560,9 +922,15 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
         plan["sampling"] = sampling_line(spec)
     if spec.preferences is not None:
         plan["preference pairs"] = _source_name(spec.preferences)
+        if spec.reference is not None:
+            who = ("every policy but orpo/simpo ones" if spec.reward_model is None or spec.beta is not None
+                   else "the policies trained by `rlhf dpo` (algorithm dpo)")  # fmt: skip
+            beta = f"beta {spec.beta:g} (eval.beta)" if spec.beta is not None else "beta from each DPO recipe, else 0.1"
+            plan["implicit reward"] = f"{who}, against the reference; {beta}"
     if spec.demonstrations is not None:
         plan["demonstrations"] = _source_name(spec.demonstrations)
     if spec.ppo_run is not None:
         plan["ppo run"] = spec.ppo_run
-    plan["writes"] = f"{run_dir}/{{{RESOLVED_RECIPE}, eval.json, report.md, *.png, {SAMPLES_FILE}, {PAIR_SCORES_FILE}}}"
+    plan["writes"] = (f"{run_dir}/{{{RESOLVED_RECIPE}, eval.json, report.md, *.png, {SAMPLES_FILE}, "
+                      f"{PAIR_SCORES_FILE}, {IMPLICIT_REWARDS_FILE}}}")  # fmt: skip
     show_plan("Evaluation — plan", plan)
