@@ -281,6 +281,40 @@ def generate(
 
 @app.command()
 @user_errors
+def label(
+    recipe: RecipeArg,
+    overrides: SetOpt = None,
+    output_dir: OutputOpt = None,
+    annotator: Annotated[Optional[str], typer.Option(
+        "--annotator", help="human labeller: who is answering (recorded with every answer; several people split "
+        "the items, sharing label.labeller.overlap for agreement).")] = None,
+    append: Annotated[bool, typer.Option(
+        "--append", help="Add to a labelling session made by a different recipe in the same output directory "
+        "(refused otherwise, so sessions are not mixed by accident).")] = False,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Rebuild the output rows and the label report (agreement between annotators included) "
+        "from the answers so far; label nothing.")] = False,
+    overwrite: OverwriteOpt = False,
+    dry_run: PlanOpt = False,
+) -> None:
+    """Make preference data: sample K responses per prompt (or read candidates) and have a person, a judge model
+    under a constitution, reward models or a rule compare them.
+
+    Writes preferences.jsonl (prompt/chosen/rejected: rlhf train-rm and rlhf dpo read it as it is) or kto.jsonl,
+    and label_report.json/.md (counts, ties, agreement, position bias, length bias). A person's answers are saved as
+    they are given: run the same command again to continue. `label.mode: revise` writes critiqued-and-revised SFT
+    rows instead. See docs/label.md.
+    """
+    from rlhf_cli.recipe import load_recipe
+    from rlhf_cli.stages.label import run_label
+
+    loaded = load_recipe(recipe, "label", overrides or [])
+    raise typer.Exit(run_label(loaded, output_dir=output_dir, overwrite=overwrite, dry_run=dry_run,
+                               annotator=annotator, append=append, report_only=report))  # fmt: skip
+
+
+@app.command()
+@user_errors
 def pipeline(
     recipe: Annotated[str, typer.Argument(help="Path to the pipeline recipe (shared keys + stages:).", show_default=False)],
     overrides: SetOpt = None,

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from rlhf_cli.recipe import DataSource, RankingSpec, WinnerSpec
 
-Kind = Literal["sft", "preference", "prompt", "unpaired"]
+Kind = Literal["sft", "preference", "prompt", "unpaired", "candidates"]
 Row = dict[str, Any]
 
 _BUILDERS = {
@@ -400,6 +400,23 @@ def unpair(pairs: list[Row]) -> list[Row]:
     return rows
 
 
+def _from_candidates(row: Row) -> Row:
+    """A prompt and its K >= 2 candidate responses (strings, or mappings with a `text`), for `rlhf label`."""
+    responses = _field(row, "responses")
+    if not isinstance(responses, list):
+        raise _RowError(f"field 'responses' must be a list of responses, got {_describe(responses)}")
+    texts = []
+    for n, response in enumerate(responses, 1):
+        text = response.get("text") if isinstance(response, dict) else response
+        if not isinstance(text, str) or not text.strip():
+            raise _RowError(f"'responses' item {n} must be a non-empty string (or a mapping with one in 'text'), got "
+                            f"{_describe(response)}")  # fmt: skip
+        texts.append(text)
+    if len(texts) < 2:
+        raise _RowError(f"'responses' holds {len(texts)} response(s); labelling compares at least two per prompt")
+    return {"prompt": _text_or_messages(row, "prompt"), "responses": texts}
+
+
 # (format, kind) -> (columns it needs, columns it also reads when present, converter of one row)
 _FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], Callable[[Row], Any]]] = {
     ("text", "sft"): (("text",), (), _from_text),
@@ -420,6 +437,8 @@ _FORMATS: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...], Callable
     ("preference", "prompt"): (("prompt",), (), _from_prompt),
     ("ranked", "prompt"): (("prompt",), (), _from_prompt),
     ("alpaca", "prompt"): (("instruction",), ("input", "system", "history"), _from_alpaca_prompt),
+    # `rlhf label`: a prompt and the responses to compare
+    ("candidates", "candidates"): (("prompt", "responses"), (), _from_candidates),
     # KTO: prompt + completion + a thumbs-up/down label...
     ("prompt_completion", "unpaired"): (("prompt", "completion", "label"), (), _from_unpaired),
 }  # fmt: skip
@@ -435,6 +454,8 @@ _KIND_NEEDS = {
     "section, a prompt with ranked responses a ranking section",
     "prompt": "a prompt dataset needs prompt (text or messages) or instruction (alpaca); map another column "
     "with columns, e.g. {prompt: question}, or build it with prompt_template",
+    "candidates": "candidates to label need prompt (text or messages) + responses (a list of two or more strings, "
+    "or of mappings with a text); map other names with columns, e.g. {responses: outputs}",
     "unpaired": "unpaired (KTO) data needs prompt+completion+label (label: true/false, 1/0 or yes/no), or "
     "preference pairs in any format train-rm reads (chosen+rejected, optionally prompt; sharegpt; alpaca; hh; a "
     "winner or ranking section), each pair read as a desirable and an undesirable row",
@@ -812,7 +833,8 @@ def load_data_with_report(
     if (fmt, kind) not in _FORMATS:
         fitting = [name for name, k in _FORMATS if k == kind]
         needs = {"sft": "SFT data", "preference": "preference pairs (chosen/rejected)", "prompt": "prompts",
-                 "unpaired": "unpaired rows (prompt + completion + label) or preference pairs"}[kind]
+                 "unpaired": "unpaired rows (prompt + completion + label) or preference pairs",
+                 "candidates": "a prompt and a list of responses"}[kind]
         raise UserError(
             f"{where}: format {fmt!r} does not fit this stage, which needs {needs}; "
             f"use one of the formats auto, {', '.join(fitting)}."
@@ -1233,6 +1255,8 @@ def _detect_format(ds: datasets.Dataset, plan: _Plan, visible: list[str], kind: 
     if plan.ranking is not None:
         return "ranked"
     hh = "chosen" in columns and _looks_like_hh(_first_prepared(ds, plan, where).get("chosen"))
+    if kind == "candidates" and {"prompt", "responses"} <= columns:
+        return "candidates"
     if kind == "prompt":
         if "prompt" in columns:
             return "prompt"

@@ -98,7 +98,7 @@ class ModelSpec(_Strict):
 
 
 DataFormat = Literal[
-    "auto", "text", "prompt_completion", "messages", "preference", "alpaca", "sharegpt", "hh", "ranked"
+    "auto", "text", "prompt_completion", "messages", "preference", "alpaca", "sharegpt", "hh", "ranked", "candidates"
 ]
 LabelValue = int | float | str | None
 
@@ -496,10 +496,108 @@ class EvalSpec(SamplingSpec):
         return self
 
 
+class LabellerSpec(_Strict):
+    """Who or what compares the candidates: `type` and the keys of that labeller."""
+
+    type: Literal["human", "judge", "reward_model", "rule"] = Field(
+        description="human: an interactive terminal session (or one answer per stdin line); judge: a local "
+        "instruction-tuned model under a constitution; reward_model: one or several reward models; rule: a "
+        "Python function."
+    )
+    # judge (and the critique model of mode: revise)
+    model: str | None = Field(
+        None, description="judge: the judge model (a directory or hub id with a chat template); revise: the model "
+        "that critiques and revises (default: the policy)."
+    )
+    gguf_file: str | None = Field(None, description="judge: a .gguf file inside `model` to load.")
+    constitution: str | None = Field(
+        None, description="judge / revise: a markdown file of principles, one per bullet; default: the one shipped "
+        "with rlhf-cli (rlhf_cli/labelling/constitution.md)."
+    )
+    inconsistent: Literal["drop", "tie"] = Field(
+        "drop", description="judge: a pair whose verdict flips when the two responses swap places is dropped "
+        "(counted) or recorded as a tie."
+    )
+    # reward_model
+    models: list[str] | None = Field(None, description="reward_model: reward model directories (one or more).")
+    combine: Literal["mean", "min"] = Field(
+        "mean", description="reward_model: how several reward models' scores of a candidate combine (min: the most "
+        "pessimistic member, harder to exploit)."
+    )
+    min_margin: float = Field(
+        0.0, ge=0.0, description="reward_model / rule: a pair whose combined scores differ by less is a tie."
+    )
+    # rule
+    function: str | None = Field(None, description="rule: 'module.path:function' taking (prompts, completions).")
+    # human
+    mode: Literal["pairs", "rank"] = Field(
+        "pairs", description="human: compare two candidates at a time, or rank all K at once."
+    )
+    guidelines: str | None = Field(None, description="human: a markdown file shown with the `g` key.")
+    overlap: float = Field(
+        0.0, ge=0.0, le=1.0, description="human: the share of items every annotator labels (for agreement); the "
+        "others go to whoever reaches them first."
+    )
+
+    @model_validator(mode="after")
+    def _keys_of_its_type(self) -> LabellerSpec:
+        own = {"human": {"mode", "guidelines", "overlap"}, "judge": {"model", "gguf_file", "constitution",
+               "inconsistent"}, "reward_model": {"models", "combine", "min_margin"},
+               "rule": {"function", "min_margin"}}  # fmt: skip
+        stray = sorted(self.model_fields_set - own[self.type] - {"type"})
+        if stray:
+            raise ValueError(f"{', '.join(stray)} {'is' if len(stray) == 1 else 'are'} not a key of the "
+                             f"{self.type} labeller (its keys: {', '.join(sorted(own[self.type]))})")
+        if self.type == "reward_model" and not self.models:
+            raise ValueError("the reward_model labeller needs models: a list of reward model directories")
+        if self.type == "rule" and (not self.function or ":" not in self.function):
+            raise ValueError("the rule labeller needs function: 'module.path:function'")
+        return self
+
+
+class LabelSpec(SamplingSpec):
+    """`rlhf label`: sample K responses per prompt (or read candidates) and have them compared."""
+
+    prompts: DataSource | None = Field(
+        None, description="Prompts to sample candidates for, from `model:` (any data with a prompt)."
+    )
+    candidates: DataSource | None = Field(
+        None, description="Instead of sampling: rows of a prompt and a list of responses (`responses`; map other "
+        "names with columns)."
+    )
+    num_responses: int = Field(4, ge=2, description="K: candidates sampled per prompt (InstructGPT used 4 to 9).")
+    labeller: LabellerSpec | None = Field(None, description="Who compares them (not needed by mode: revise).")
+    pairs: Literal["all", "best_vs_worst"] = Field(
+        "all", description="A ranking of K becomes all K(K-1)/2 pairs, or one pair: best against worst."
+    )
+    format: Literal["pairs", "kto"] = Field(
+        "pairs", description="pairs: prompt/chosen/rejected rows (train-rm, dpo); kto: prompt/completion/label rows."
+    )
+    mode: Literal["label", "revise"] = Field(
+        "label", description="label: compare candidates; revise: Constitutional AI's supervised phase (sample, "
+        "critique against a principle, revise) writing prompt/completion SFT rows."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LabelSpec:
+        if (self.prompts is None) == (self.candidates is None):
+            raise ValueError("give exactly one of prompts (candidates are sampled from model:) or candidates")
+        if self.mode == "label" and self.labeller is None:
+            raise ValueError("mode label needs a labeller: human, judge, reward_model or rule")
+        if self.mode == "label" and self.labeller.type == "judge" and not self.labeller.model:
+            raise ValueError("the judge labeller needs model: a local instruction-tuned model with a chat template")
+        if self.mode == "revise" and self.prompts is None:
+            raise ValueError("mode revise samples its own responses: give prompts, not candidates")
+        if self.mode == "revise" and self.labeller is not None and self.labeller.type != "judge":
+            raise ValueError("mode revise takes no labeller, or a judge labeller naming the critique model and "
+                             "constitution")
+        return self
+
+
 TRAINING_STAGES = ("sft", "rm", "ppo", "dpo", "kto")
-RECIPE_STAGES = (*TRAINING_STAGES, "eval", "generate")
+RECIPE_STAGES = (*TRAINING_STAGES, "eval", "generate", "label")
 COMMANDS = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo", "dpo": "rlhf dpo", "kto": "rlhf kto",
-            "eval": "rlhf eval", "generate": "rlhf generate"}  # fmt: skip
+            "eval": "rlhf eval", "generate": "rlhf generate", "label": "rlhf label"}  # fmt: skip
 
 
 class DivergenceSpec(_Strict):
@@ -514,9 +612,9 @@ class DivergenceSpec(_Strict):
 
 
 class Recipe(_Strict):
-    stage: Literal["sft", "rm", "ppo", "dpo", "kto", "eval", "generate"] | None = Field(
-        None, description="Which command the recipe is for (sft, rm, ppo, dpo, kto, eval or generate); checked when "
-        "given."
+    stage: Literal["sft", "rm", "ppo", "dpo", "kto", "eval", "generate", "label"] | None = Field(
+        None, description="Which command the recipe is for (sft, rm, ppo, dpo, kto, eval, generate or label); "
+        "checked when given."
     )
     model: ModelSpec | None = Field(
         None,
@@ -537,6 +635,7 @@ class Recipe(_Strict):
     kto: KTOSpec | None = Field(None, description="kto only: reference model.")
     eval: EvalSpec | None = Field(None, description="eval only: what to evaluate, on which data, how to sample.")
     generate: GenerateSpec | None = Field(None, description="generate only: prompts and sampling.")
+    label: LabelSpec | None = Field(None, description="label only: prompts or candidates, sampling, the labeller.")
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="How many processes and which DeepSpeed/DDP strategy."
     )
@@ -694,7 +793,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 _PATH_KEYS = {"model.name_or_path", "model.tokenizer", "model.chat_template", "data.train.path", "data.eval.path",
               "ppo.reward.model", "ppo.value_model", "ppo.ref_model",
               "eval.reference", "eval.reward_model", "eval.judge.model", "eval.prompts.path", "eval.preferences.path",
-              "eval.demonstrations.path", "eval.ppo_run", "generate.prompts.path", "generate.reward.model"}
+              "eval.demonstrations.path", "eval.ppo_run", "generate.prompts.path", "generate.reward.model",
+              "label.prompts.path", "label.candidates.path", "label.labeller.model", "label.labeller.constitution",
+              "label.labeller.guidelines"}
 
 
 # ---------------------------------------------------------------- errors
@@ -848,6 +949,18 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
             spec.reward.model = _resolve_path(spec.reward.model, base_dir, must_exist=False,
                                               what="generate.reward.model")  # fmt: skip
         sources["generate.prompts"] = spec.prompts
+    if recipe.label is not None:
+        spec = recipe.label
+        sources.update({"label.prompts": spec.prompts, "label.candidates": spec.candidates})
+        labeller = spec.labeller
+        if labeller is not None:
+            labeller.model = _resolve_path(labeller.model, base_dir, must_exist=False, what="label.labeller.model")
+            if labeller.models:
+                labeller.models = [_resolve_path(path, base_dir, must_exist=False, what=f"label.labeller.models[{n}]")
+                                   for n, path in enumerate(labeller.models)]  # fmt: skip
+            for key in ("constitution", "guidelines"):
+                setattr(labeller, key, _resolve_path(getattr(labeller, key), base_dir, must_exist=True,
+                                                     what=f"label.labeller.{key}"))  # fmt: skip
     for what, source in sources.items():
         if source is not None and source.path is not None:
             source.path = _resolve_path(source.path, base_dir, must_exist=True, what=f"{what}.path")
@@ -859,7 +972,7 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
 # The sections each stage cannot run without (besides what the schema itself requires).
 _REQUIRED_SECTIONS = {"sft": ("model", "data"), "rm": ("model", "data"), "ppo": ("model", "data"),
                       "dpo": ("model", "data"), "kto": ("model", "data"), "eval": ("eval",),
-                      "generate": ("model", "generate")}  # fmt: skip
+                      "generate": ("model", "generate"), "label": ("label",)}  # fmt: skip
 
 
 def _non_finite_numbers(value: Any, where: str = "") -> list[str]:
@@ -926,7 +1039,7 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
 
         check_recipe(recipe, stage, source)
         return recipe
-    for section in ("eval", "generate"):
+    for section in ("eval", "generate", "label"):
         if getattr(recipe, section) is not None:
             raise UserError(f"Recipe {source} has an `{section}:` section, but it is run as the {stage} stage; "
                             f"`{section}:` belongs in a recipe for `{COMMANDS[section]}`.")  # fmt: skip
@@ -958,15 +1071,16 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
 
 def _check_sections_without_training(recipe: Recipe, stage: str, source: str) -> None:
     """eval and generate train nothing: no `training:`, `data:`, `ppo:`, LoRA or multi-process launch."""
-    own = "eval.prompts, eval.preferences or eval.demonstrations" if stage == "eval" else "generate.prompts"
-    other = "generate" if stage == "eval" else "eval"
+    own = {"eval": "eval.prompts, eval.preferences or eval.demonstrations", "generate": "generate.prompts",
+           "label": "label.prompts or label.candidates"}[stage]  # fmt: skip
     refusals = [
         (recipe.training, f"trains nothing, so it takes no `training:` section; sampling settings go in `{stage}:`"),
         (recipe.data, f"reads no `data:` section; its data goes in {own}"),
         (recipe.ppo, "takes no `ppo:` section"),
         (recipe.dpo, "takes no `dpo:` section"),
         (recipe.kto, "takes no `kto:` section"),
-        (getattr(recipe, other), f"takes no `{other}:` section (that is the {other} stage's)"),
+        *[(getattr(recipe, other), f"takes no `{other}:` section (that is the {other} stage's)")
+          for other in ("eval", "generate", "label") if other != stage],
         (recipe.model is not None and recipe.model.lora,
          "trains nothing: remove model.lora (a saved LoRA adapter directory loads as it is)"),
         (recipe.distributed.strategy != "none", "runs in one process: distributed.strategy must be none"),
@@ -974,6 +1088,9 @@ def _check_sections_without_training(recipe: Recipe, stage: str, source: str) ->
     for present, reason in refusals:
         if present:
             raise UserError(f"Recipe {source}: the {stage} stage {reason}.")
+    if stage == "label" and recipe.model is None and recipe.label.prompts is not None:
+        raise UserError(f"Recipe {source}: label.prompts are answered by the policy `model:`, and the recipe names "
+                        "none; set model.name_or_path, or give label.candidates instead.")  # fmt: skip
     if stage == "eval" and recipe.model is None:
         needs = [key for key in ("prompts", "demonstrations", "compare") if getattr(recipe.eval, key)]
         if needs:
