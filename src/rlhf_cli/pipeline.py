@@ -506,24 +506,61 @@ PREFERENCE_FIGURES = {"dpo": ("rewards/accuracies", "rewards/margins", "rewards/
                       "kto": ("rewards/margins", "rewards/chosen", "rewards/rejected", "kl")}  # fmt: skip
 
 
+def _policy_figures(proxy: dict | None, judge: dict | None, kl: dict | None, implicit: dict | None) -> str:
+    """One policy's eval numbers: its implicit-reward accuracy on eval.preferences (a DPO/KTO policy against the
+    reference), its win rate over the reference under the reward model and the judge, its KL to the reference."""
+    parts = []
+    if implicit and implicit.get("accuracy") is not None:
+        figures = f"implicit-reward accuracy {_number(implicit['accuracy'])} ({implicit.get('num_pairs', '?')} pairs"
+        if implicit.get("mean_margin") is not None:
+            figures += f", margin {_number(implicit['mean_margin'])}"
+        parts.append(figures + (", likelihood displacement)" if implicit.get("likelihood_displacement") else ")"))
+    wins = [f"{label} {_win(win)}" for label, win in (("proxy (reward model)", proxy), ("judge", judge)) if win]
+    if wins:
+        parts.append(f"win-rate vs reference: {', '.join(wins)}")
+    if kl:
+        parts.append(f"KL {_number(kl.get('kl'))}")
+    return "; ".join(parts)
+
+
+def _eval_policies(results: dict) -> dict[str, dict]:
+    """{policy name: {proxy, judge, kl, implicit}}: every policy of eval.compare (`policies`, `model:` first), or
+    the one policy of the top-level sections (under the name "")."""
+    if results.get("policies"):
+        return {name: {"proxy": entry.get("win_rate"), "judge": entry.get("judge_win_rate"), "kl": entry.get("kl"),
+                       "implicit": entry.get("implicit_reward")}
+                for name, entry in results["policies"].items()}  # fmt: skip
+    policy = results.get("policy") or {}
+    return {"": {"proxy": policy.get("win_rate"), "judge": (results.get("judge") or {}).get("win_rate"),
+                 "kl": policy.get("kl"), "implicit": results.get("implicit_reward")}}  # fmt: skip
+
+
+def _head_to_head(results: dict) -> str:
+    """'ppo over dpo: proxy (reward model) 0.6 [0.5, 0.7], judge 0.45 [0.37, 0.54]': the win rate of every pair
+    of compared policies on the same prompts."""
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for entry in results.get("head_to_head") or []:
+        label = {"reward_model": "proxy (reward model)"}.get(entry.get("scorer"), entry.get("scorer"))
+        pairs.setdefault((entry.get("a"), entry.get("b")), []).append(f"{label} {_win(entry)}")
+    return "; ".join(f"{a} over {b}: {', '.join(wins)}" for (a, b), wins in pairs.items())
+
+
 def _headline(stage: PipelineStage) -> str:
-    """The stage's key numbers from its summary.json / eval.json. For eval: the policy's win rate over the
-    reference under the reward model (the proxy PPO optimised) and, when the eval has a judge, under the judge,
-    side by side (a proxy gain the judge does not share is reward hacking), then the KL."""
+    """The stage's key numbers from its summary.json / eval.json. For eval: a DPO/KTO policy's implicit-reward
+    accuracy on the preference pairs, the policy's win rate over the reference under the reward model (the proxy PPO
+    optimised) and, when the eval has a judge, under the judge, side by side (a proxy gain the judge does not share
+    is reward hacking), then the KL; with eval.compare, those of each policy, then every pair head to head."""
     if stage.name == "eval":
         results = _eval_results(stage)
         if results is None:
             return ""
-        policy, judge = results.get("policy") or {}, results.get("judge") or {}
-        wins = []
-        if policy.get("win_rate"):
-            wins.append(f"proxy (reward model) {_win(policy['win_rate'])}")
-        if judge.get("win_rate"):
-            wins.append(f"judge {_win(judge['win_rate'])}")
-        parts = [f"win-rate vs reference: {', '.join(wins)}"] if wins else []
-        if "kl" in policy:
-            parts.append(f"KL {_number(policy['kl'].get('kl'))}")
-        return "; ".join(parts)
+        policies = _eval_policies(results)
+        if "" in policies:
+            return _policy_figures(**policies[""])
+        parts = [f"{name}: {_policy_figures(**figures) or 'no figures'}" for name, figures in policies.items()]
+        if results.get("head_to_head"):
+            parts.append(f"head to head, {_head_to_head(results)}")
+        return " | ".join(parts)
     path = stage.run_dir / "summary.json"
     if not path.is_file():
         return ""
@@ -549,16 +586,25 @@ def eval_headline(stage: PipelineStage) -> str:
     if results is None:
         return ""
     line = _headline(stage)
-    proxy, judge = (results.get("policy") or {}).get("win_rate"), results.get("judge") or {}
-    if judge.get("win_rate"):
+    judge = results.get("judge") or {}
+    policies = _eval_policies(results)
+    if judge.get("win_rate") or any(figures["judge"] for figures in policies.values()):
         line += f" (judge: {judge.get('name') or 'eval.judge'}"
         if judge.get("proxy_correlation") is not None:
             line += f"; proxy vs judge Pearson r {_number(judge['proxy_correlation'])}"
         line += ")"
-        low, judged = (proxy or {}).get("ci_low"), judge["win_rate"].get("win_rate")
+    hacked = []
+    for name, figures in policies.items():
+        low, judged = (figures["proxy"] or {}).get("ci_low"), (figures["judge"] or {}).get("win_rate")
         if isinstance(low, (int, float)) and low > 0.5 and isinstance(judged, (int, float)) and judged <= 0.5:
-            line += (". The proxy win rate is above 0.5 (its whole 95% interval) but the judge's is not: the policy "
-                     "learnt what the reward model pays for, not what the judge measures (reward hacking)")  # fmt: skip
+            hacked.append(name)
+    if hacked == [""]:
+        line += (". The proxy win rate is above 0.5 (its whole 95% interval) but the judge's is not: the policy "
+                 "learnt what the reward model pays for, not what the judge measures (reward hacking)")  # fmt: skip
+    elif hacked:
+        line += (f". The proxy win rate of {' and '.join(hacked)} is above 0.5 (its whole 95% interval) but the "
+                 "judge's is not: learnt what the reward model pays for, not what the judge measures (reward "
+                 "hacking)")  # fmt: skip
     return line
 
 
