@@ -130,6 +130,16 @@ def test_kto_route_wiring_and_an_rm_stage_scoring_the_eval(tmp_path):
     assert upstream(stages["eval"], out) == ["sft", "rm", "kto"]
 
 
+def test_kto_route_dry_run_prints_every_stage_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["pipeline", write_pipeline(tmp_path, ["sft", "kto", "eval"]), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "sft -> kto -> eval" in result.output and "KTOConfig" in result.output
+    for stage in ("sft", "kto", "eval"):
+        assert f"stage {stage} -> {out / stage}" in result.output
+    assert not out.exists()
+
+
 def test_ppo_route_wiring_is_unchanged(tmp_path):
     out, stages = wired(tmp_path, ["sft", "rm", "ppo", "eval"])
     ppo, evaluation = stages["ppo"].recipe, stages["eval"].recipe
@@ -192,6 +202,39 @@ def test_hashes_change_with_what_a_stage_reads_and_nothing_else(tmp_path):
     assert [name for name in names if rm[name] != before[name]] == ["rm", "eval"]  # DPO does not read the RM
     dpo = hashes({"dpo": {"training": {**SECTIONS["dpo"]["training"], "beta": 0.2}}})
     assert [name for name in names if dpo[name] != before[name]] == ["dpo", "eval"]
+
+
+def test_skips_from_and_only_follow_the_route(tmp_path, monkeypatch):
+    """Which stages run, with the training replaced by writing each stage's finished marker."""
+    import rlhf_cli.pipeline as pipeline
+
+    ran: list[str] = []
+
+    def fake_run_one(stage, **options):
+        stage.run_dir.mkdir(parents=True, exist_ok=True)
+        (stage.run_dir / ("eval.json" if stage.name == "eval" else "summary.json")).write_text("{}")
+        ran.append(stage.name)
+        return 0
+
+    monkeypatch.setattr(pipeline, "run_one", fake_run_one)
+
+    def run(recipe, **flags) -> list[str]:
+        ran.clear()
+        assert pipeline.run_pipeline(recipe, **flags) == 0
+        return list(ran)
+
+    (tmp_path / "dpo-route").mkdir()
+    dpo = write_pipeline(tmp_path / "dpo-route", ["sft", "dpo", "eval"])
+    assert run(dpo) == ["sft", "dpo", "eval"] and run(dpo) == []
+    assert run(dpo, from_stage="dpo") == ["dpo", "eval"]  # the eval reads dpo: it runs again
+    assert run(dpo, only="dpo") == ["dpo"]
+    changed = ["stages.dpo.training.beta=0.2"]
+    assert run(dpo, overrides=changed) == ["dpo", "eval"]  # a changed stage and what reads it; sft is kept
+    (tmp_path / "compare").mkdir()
+    compare = write_pipeline(tmp_path / "compare", ["sft", "rm", "ppo", "dpo", "eval"])
+    assert run(compare) == ["sft", "rm", "ppo", "dpo", "eval"]
+    assert run(compare, from_stage="ppo") == ["ppo", "eval"]  # dpo does not read ppo: unchanged, skipped
+    assert run(compare, overrides=["stages.rm.training.learning_rate=2e-3"]) == ["rm", "ppo", "eval"]
 
 
 # ---------------------------------------------------------------- through the CLI: refusals, --from/--only, recipe
@@ -350,7 +393,8 @@ def test_eval_headline_of_the_compare_route_shows_each_policy_and_the_head_to_he
         "head to head, ppo over dpo: proxy (reward model) 0.58 [0.49, 0.66], judge 0.4 [0.32, 0.49]")  # fmt: skip
     assert f"Eval headline: {rows['eval']} (judge: j; proxy vs judge Pearson r 0.1). The proxy win rate of ppo " \
         in printed
-    assert "(reward hacking)" in printed  # ppo's proxy interval is clear of 0.5, its judge win rate is not
+    assert "is not: that policy learnt what the reward model pays for" in printed  # ppo's proxy interval is clear
+    assert "of ppo and dpo" not in printed  # of 0.5 and its judge win rate is not; dpo's judge win rate is above
 
 
 # ---------------------------------------------------------------- the DPO route end to end
@@ -393,3 +437,29 @@ def test_dpo_route_end_to_end_then_skipped(tmp_path):
     run_dpo_pipeline(out)
     assert {row["this run"] for row in json.loads((out / "summary.json").read_text())} == {"skipped (unchanged)"}
     assert json.loads((out / "pipeline.json").read_text()) == state
+
+
+SHORT_COMPARE = [*SHORT_DPO, "--set", "stages.rm.training.num_train_epochs=3", "--set", "stages.ppo.training.steps=6"]
+
+
+@pytest.mark.slow
+def test_compare_route_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([*RLHF, "pipeline", str(TINY / "pipeline-compare.yaml"), "-o", str(out), *SHORT_COMPARE],
+                            capture_output=True, text=True, cwd=REPO, timeout=900)  # fmt: skip
+    assert result.returncode == 0, f"pipeline failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    rows = {row["stage"]: row for row in json.loads((out / "summary.json").read_text())}
+    assert list(rows) == ["sft", "rm", "ppo", "dpo", "eval"] and {row["this run"] for row in rows.values()} == {"ran"}
+    for stage in ("ppo", "dpo"):
+        assert yaml.safe_load((out / stage / "recipe.yaml").read_text())["model"]["name_or_path"] == str(out / "sft")
+    results = json.loads((out / "eval" / "eval.json").read_text())
+    assert list(results["policies"]) == ["ppo", "dpo"]
+    assert results["policies"]["ppo"]["path"] == str(out / "ppo")
+    assert results["policies"]["dpo"]["path"] == str(out / "dpo")
+    assert results["policies"]["dpo"]["implicit_reward"]["accuracy"] > 0.5
+    assert 0.0 <= results["policies"]["ppo"]["win_rate"]["win_rate"] <= 1.0  # scored by the reward model
+    assert {(entry["a"], entry["b"], entry["scorer"]) for entry in results["head_to_head"]} == {
+        ("ppo", "dpo", "reward_model"), ("ppo", "dpo", "judge")}  # fmt: skip
+    headline = rows["eval"]["key metrics"]
+    assert headline.startswith("ppo: win-rate vs reference: proxy (reward model) ")
+    assert " | dpo: implicit-reward accuracy " in headline and " | head to head, ppo over dpo: " in headline

@@ -602,8 +602,9 @@ def eval_headline(stage: PipelineStage) -> str:
         line += (". The proxy win rate is above 0.5 (its whole 95% interval) but the judge's is not: the policy "
                  "learnt what the reward model pays for, not what the judge measures (reward hacking)")  # fmt: skip
     elif hacked:
+        who = "that policy" if len(hacked) == 1 else "those policies"
         line += (f". The proxy win rate of {' and '.join(hacked)} is above 0.5 (its whole 95% interval) but the "
-                 "judge's is not: learnt what the reward model pays for, not what the judge measures (reward "
+                 f"judge's is not: {who} learnt what the reward model pays for, not what the judge measures (reward "
                  "hacking)")  # fmt: skip
     return line
 
