@@ -113,7 +113,7 @@ def test_pair_log_probs_are_those_of_an_unpadded_forward_on_pairs_cut_as_in_trai
     from rlhf_cli.data import load_data
     from rlhf_cli.lengths import encode_pair, windows
     from rlhf_cli.recipe import DataSource, ModelSpec
-    from rlhf_cli.stages.generate import load_causal_lm, sequence_logprobs
+    from rlhf_cli.inference import load_causal_lm, sequence_logprobs
     from rlhf_cli.stages.evaluate import pair_tokens
 
     model, tokenizer = load_causal_lm(ModelSpec(name_or_path="builtin:tiny-gpt2"), 42, "model", conversational=True)

@@ -148,7 +148,7 @@ def reward_model(tmp_path_factory):
 
 
 def test_reward_models_score_as_eval_does_and_an_ensemble_of_one_model_twice_agrees(reward_model):
-    from rlhf_cli.stages.generate import Responses, score
+    from rlhf_cli.inference import Responses, score
 
     [scorer] = load_scorers([RewardSpec(model=reward_model)], "label.reward_model", None, None, conversational=False)
     texts = [text for item in ITEMS for text in item.candidates]
@@ -170,7 +170,7 @@ def test_reward_models_score_as_eval_does_and_an_ensemble_of_one_model_twice_agr
 
 
 def test_sampled_responses_must_be_the_candidates_in_order():
-    from rlhf_cli.stages.generate import Responses
+    from rlhf_cli.inference import Responses
 
     shuffled = Responses(texts=["b b b b", "aa", "cccccc", "one two", "three"], finished=[True] * 5)
     with pytest.raises(ValueError, match="in order"):

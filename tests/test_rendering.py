@@ -143,7 +143,7 @@ def test_sampled_responses_are_scored_as_a_chosen_response_is(rms):
     chosen response gives the pair's chosen score."""
     from rlhf_cli.data import load_data
     from rlhf_cli.recipe import DataSource, RewardSpec
-    from rlhf_cli.stages.generate import load_scorer
+    from rlhf_cli.inference import load_scorer
 
     for style in ("conversational", "text"):
         run, data = rms[style]["run"], rms[style]["data"]

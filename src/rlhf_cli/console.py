@@ -39,3 +39,16 @@ def heading(console, text: str) -> None:
         console.rule(text)
     else:
         console.print(f"== {text} ==")
+
+
+def show_plan(title: str, plan: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for key, value in plan.items():
+        table.add_row(key, str(value))
+    console = make_console()
+    console.print(table)
+    console.print("[dim]Dry run: nothing was started or written.[/]")

@@ -100,7 +100,7 @@ def _policy_tokenizer(recipe: Recipe):
 def _companion_tokenizer(recipe: Recipe, path: str):
     def load(conversational: bool):
         from rlhf_cli.models import load_tokenizer
-        from rlhf_cli.stages.generate import companion_spec
+        from rlhf_cli.inference import companion_spec
 
         return load_tokenizer(companion_spec(recipe.model, path), path, conversational=conversational), path
 

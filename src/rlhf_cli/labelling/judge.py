@@ -218,7 +218,7 @@ def judge_items(items: list[Item], judge: Judge, *, inconsistent: Inconsistent =
                 ) -> tuple[list[PairLabel], JudgeStats]:  # fmt: skip
     """PairLabels for every pair of every item's candidates, each pair asked in both orders, `batch_size` questions
     per call of `judge`; labels in item order, a < b. Identical candidates are ties without asking."""
-    from rlhf_cli.stages.generate import chunks
+    from rlhf_cli.inference import chunks
 
     if inconsistent not in ("drop", "tie"):
         raise ValueError(f"inconsistent must be 'drop' or 'tie', not {inconsistent!r}")
@@ -329,7 +329,7 @@ class ModelJudge:
     """
 
     def __init__(self, model, tokenizer, principles: list[str], *, name: str, max_length: int | None = None):
-        from rlhf_cli.stages.generate import positions_limit
+        from rlhf_cli.inference import positions_limit
 
         if not principles:
             raise UserError("The judge needs at least one principle.")
@@ -392,7 +392,7 @@ def load_judge_model(spec: ModelSpec, seed: int, what: str = "label.judge"):
     """(model, tokenizer) of a judge: its own tokenizer and chat template (none is made up for it), checked for a
     template and single-token A/B answers before the model loads."""
     from rlhf_cli.models import load_tokenizer, resolve_model_path
-    from rlhf_cli.stages.generate import load_causal_lm
+    from rlhf_cli.inference import load_causal_lm
 
     name = f"{what} ({spec.name_or_path})"
     tokenizer = load_tokenizer(spec, resolve_model_path(spec, seed), conversational=False)
@@ -415,10 +415,10 @@ def critique_and_revise(model, tokenizer, prompts: list, responses: list[str], p
 
     For each response a principle is drawn (seeded), the model is asked in the same conversation to critique its
     response against it (CRITIQUE_REQUEST), then to rewrite it given that critique (REVISION_REQUEST); both are
-    sampled with `generate.sample` (batched, seeded). The completion is the revision, in the prompt's style.
+    sampled with `inference.sample` (batched, seeded). The completion is the revision, in the prompt's style.
     """
     from rlhf_cli.ppo.trainer import encode_prompts
-    from rlhf_cli.stages.generate import chunks, completion_field, prompt_budget, sample
+    from rlhf_cli.inference import chunks, completion_field, prompt_budget, sample
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")

@@ -12,7 +12,7 @@ equal scores are ties too. The confidence of a decided pair is the Bradley-Terry
     P(better preferred) = sigmoid(s_better - s_worse) = 1 / (1 + exp(-(s_better - s_worse)))
 
 which is what a reward model trained with the Bradley-Terry loss (`rlhf train-rm`) means by a score difference; for a
-rule it is the same formula in the rule's own units. Reward models and rules score through `generate.score`, so a
+rule it is the same formula in the rule's own units. Reward models and rules score through `inference.score`, so a
 reward model reads the text exactly as `rlhf eval` has it read (its rendering.json, its max_length).
 """
 
@@ -28,7 +28,7 @@ from rlhf_cli.labelling.records import Item, PairLabel, ranking_pairs
 
 if TYPE_CHECKING:
     from rlhf_cli.recipe import ModelSpec, RewardSpec
-    from rlhf_cli.stages.generate import Responses, Scorer
+    from rlhf_cli.inference import Responses, Scorer
 
 Combine = Literal["mean", "min"]
 PairsHow = Literal["all", "best_vs_worst"]
@@ -102,8 +102,8 @@ def label_scores(item_id: str, scores: Sequence[float], per_scorer: dict[str, Se
 
 def load_scorers(specs: Sequence[RewardSpec], what: str, policy_spec: ModelSpec | None, policy_tokenizer, *,
                  conversational: bool) -> list[Scorer]:  # fmt: skip
-    """`generate.load_scorer` for each reward (a reward model or a rule); several are named `what[i]` in messages."""
-    from rlhf_cli.stages.generate import load_scorer
+    """`inference.load_scorer` for each reward (a reward model or a rule); several are named `what[i]` in messages."""
+    from rlhf_cli.inference import load_scorer
 
     if not specs:
         raise UserError(f"{what} names no reward model or rule.")
@@ -122,7 +122,7 @@ def label_by_scores(items: Sequence[Item], scorers: Sequence[Scorer], *, combine
     does. Without it (candidates from a file) every candidate is scored as text, taken as a finished response.
     The labeller is "rule" when every scorer is a rule, else "reward_model"; the annotator names the scorers.
     """
-    from rlhf_cli.stages.generate import Responses, score
+    from rlhf_cli.inference import Responses, score
 
     if not scorers:
         raise ValueError("no scorers")

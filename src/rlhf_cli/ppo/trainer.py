@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from rlhf_cli.errors import UserError
 from rlhf_cli.evaluation.alarms import Alarm, AlarmConfig, AlarmMonitor
 from rlhf_cli.guard import DIVERGED_EXIT_CODE, Divergence, divergence_message, non_finite
 from rlhf_cli.interrupts import INTERRUPTED_EXIT_CODE

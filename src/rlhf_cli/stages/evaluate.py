@@ -26,13 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_cli.console import show_plan
 from rlhf_cli.errors import UserError
-from rlhf_cli.launch import RESOLVED_RECIPE
-from rlhf_cli.lengths import common_prefix
-from rlhf_cli.recipe import EvalSpec, Recipe, RewardSpec, recipe_to_yaml
-from rlhf_cli.rundir import METRICS_FILE, RunDirectory
-from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
-from rlhf_cli.stages.generate import (
+from rlhf_cli.inference import (
     Responses,
     Scorer,
     choose_prompts,
@@ -47,8 +43,12 @@ from rlhf_cli.stages.generate import (
     sampling_line,
     score,
     sequence_logprobs,
-    show_plan,
 )
+from rlhf_cli.launch import RESOLVED_RECIPE
+from rlhf_cli.lengths import common_prefix
+from rlhf_cli.recipe import EvalSpec, Recipe, RewardSpec, recipe_to_yaml
+from rlhf_cli.rundir import METRICS_FILE, RunDirectory
+from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
 
 SAMPLES_FILE = "samples.jsonl"
 PAIR_SCORES_FILE = "pair_scores.jsonl"

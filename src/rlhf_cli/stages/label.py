@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rlhf_cli.errors import UserError
 from rlhf_cli.launch import RESOLVED_RECIPE
-from rlhf_cli.recipe import LabelSpec, Recipe, RewardSpec, recipe_to_yaml
+from rlhf_cli.recipe import Recipe, RewardSpec, recipe_to_yaml
 from rlhf_cli.rundir import RunDirectory, dumps, print_summary, write_summary
 from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
 
@@ -162,7 +162,7 @@ def _sample_items(recipe: Recipe):
     from rlhf_cli.data import load_data
     from rlhf_cli.labelling.records import Item
     from rlhf_cli.ppo.trainer import encode_prompts
-    from rlhf_cli.stages.generate import choose_prompts, load_causal_lm, progress_bar, prompt_budget, sample
+    from rlhf_cli.inference import choose_prompts, load_causal_lm, progress_bar, prompt_budget, sample
 
     spec = recipe.label
     dataset = load_data(spec.prompts, "prompt", what="label.prompts")
@@ -215,7 +215,7 @@ def _scores(recipe: Recipe, items, loaded: dict):
     """Reward-model or rule labels: every candidate scored, each item's candidates ranked, pairs as label.pairs."""
     labeller = recipe.label.labeller
     from rlhf_cli.labelling.scorers import label_by_scores, load_scorers
-    from rlhf_cli.stages.generate import progress_bar
+    from rlhf_cli.inference import progress_bar
 
     if labeller.type == "reward_model":
         specs = [RewardSpec(model=path) for path in labeller.models]
@@ -235,7 +235,7 @@ def _scores(recipe: Recipe, items, loaded: dict):
 def _load_judge(recipe: Recipe):
     """The judge model under the constitution, every check (principles, chat template, A/B tokens) passed."""
     from rlhf_cli.labelling.judge import ModelJudge, load_constitution, load_judge_model
-    from rlhf_cli.stages.generate import companion_spec
+    from rlhf_cli.inference import companion_spec
 
     labeller = recipe.label.labeller
     principles = load_constitution(labeller.constitution)
@@ -249,7 +249,7 @@ def _judge(recipe: Recipe, items, judge):
     and worst candidate is kept (the judge's own verdict on it)."""
     from rlhf_cli.labelling.judge import judge_items
     from rlhf_cli.labelling.records import copeland_ranks, ranking_pairs
-    from rlhf_cli.stages.generate import progress_bar
+    from rlhf_cli.inference import progress_bar
 
     labeller = recipe.label.labeller
     principles = judge.principles
@@ -351,15 +351,8 @@ def _revise(recipe: Recipe, run: RunDirectory, started: float) -> int:
     """Constitutional AI's supervised phase: one response per prompt, critiqued and revised (labelling.judge)."""
     from rlhf_cli.data import load_data
     from rlhf_cli.labelling.judge import critique_and_revise, load_constitution, require_chat_template
+    from rlhf_cli.inference import choose_prompts, companion_spec, load_causal_lm, progress_bar, prompt_budget, sample
     from rlhf_cli.ppo.trainer import encode_prompts
-    from rlhf_cli.stages.generate import (
-        choose_prompts,
-        companion_spec,
-        load_causal_lm,
-        progress_bar,
-        prompt_budget,
-        sample,
-    )
 
     spec = recipe.label
     labeller = spec.labeller
@@ -398,7 +391,8 @@ def _revise(recipe: Recipe, run: RunDirectory, started: float) -> int:
 
 
 def _show_plan(recipe: Recipe, run_dir: Path) -> None:
-    from rlhf_cli.stages.generate import sampling_line, show_plan
+    from rlhf_cli.console import show_plan
+    from rlhf_cli.inference import sampling_line
 
     spec = recipe.label
     source = spec.prompts or spec.candidates
