@@ -39,6 +39,7 @@ def check_recipe(recipe: Recipe, stage: str, source: str) -> None:
         *_training(recipe, stage),
         *_output(recipe),
         *_extras(recipe),
+        *_reward_ensembles(recipe),
     ]
     if problems:
         plural = "s" if len(problems) > 1 else ""
@@ -113,6 +114,33 @@ def _training(recipe: Recipe, stage: str) -> list[str]:
                     load_rule_reward(spec.function, f"{what}.function")
                 except UserError as exc:
                     problems.append(str(exc))
+    return problems
+
+
+def _reward_ensembles(recipe: Recipe) -> list[str]:
+    """A reward that combines several reward models: combine only with several, and only where the stage can
+    score with several (this project's PPO, generate; not TRL's GRPO/RLOO, which take one reward model)."""
+    from rlhf_cli.rewards import reward_model_paths
+
+    rewards = []
+    if recipe.ppo is not None:
+        rewards += [("ppo.reward", recipe.ppo.reward), ("ppo.judge", recipe.ppo.judge)]
+    if recipe.generate is not None:
+        rewards.append(("generate.reward", recipe.generate.reward))
+    problems = []
+    for what, spec in rewards:
+        if spec is None or spec.function:
+            continue
+        try:
+            several = len(reward_model_paths(spec, what)) > 1
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        if several and what == "ppo.reward" and recipe.ppo.algorithm != "ppo":
+            problems.append(f"ppo.reward: {recipe.ppo.algorithm} (TRL's trainer) takes one reward model, not an "
+                            "ensemble; use algorithm: ppo, or one reward model.")  # fmt: skip
+        if several and what == "ppo.judge":
+            problems.append("ppo.judge: the judge is one reward model (or a rule), not an ensemble.")
     return problems
 
 

@@ -297,20 +297,62 @@ class DistributedSpec(_Strict):
 
 
 class RewardSpec(_Strict):
-    """Where PPO's reward comes from: a trained reward model, or a rule function."""
+    """Where a reward comes from: a trained reward model, an ensemble of them, or a rule function."""
 
-    model: str | None = Field(None, description="Reward model directory or hub id (from `rlhf train-rm`).")
+    model: str | None = Field(
+        None, description="Reward model directory or hub id (from `rlhf train-rm`); a directory with ensemble.json "
+        "(`rlhf train-rm` with `ensemble:`) scores with every member."
+    )
+    models: list[str] | None = Field(
+        None, description="Several reward models (directories or hub ids), an ensemble scored member by member and "
+        "combined by `combine`."
+    )
     function: str | None = Field(
         None, description="'module.path:function' taking (prompts, completions) lists and returning floats."
+    )
+    combine: Literal["mean", "min", "mean_minus_std"] | None = Field(
+        None, description="Ensembles only: how the members' scores of a response become one: mean, min (worst "
+        "case) or mean_minus_std (mean - std_coef * population std over members); default: mean (docs/ppo.md)."
+    )
+    std_coef: float | None = Field(
+        None, ge=0.0, description="combine: mean_minus_std only: the weight of the members' disagreement; default 1.0."
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> RewardSpec:
-        if (self.model is None) == (self.function is None):
-            raise ValueError("give exactly one of 'model' (a reward model) or 'function' (module.path:fn)")
+        if sum(value is not None for value in (self.model, self.models, self.function)) != 1:
+            raise ValueError("give exactly one of 'model' (a reward model or an ensemble directory), 'models' "
+                             "(several reward models) or 'function' (module.path:fn)")  # fmt: skip
         if self.function is not None and ":" not in self.function:
             raise ValueError(f"function must look like 'module.path:function', got {self.function!r}")
+        if self.models is not None and len(self.models) < 2:
+            raise ValueError("models lists an ensemble: give at least two reward models (one goes in 'model')")
+        if self.function is not None and self.combine is not None:
+            raise ValueError("combine is for several reward models (models, or an ensemble directory in model), "
+                             "not a rule function")  # fmt: skip
+        if self.std_coef is not None and self.combine != "mean_minus_std":
+            raise ValueError("std_coef weighs the spread of combine: mean_minus_std; set that combine or remove it")
         return self
+
+    @property
+    def combine_how(self) -> str:
+        return self.combine or "mean"
+
+    @property
+    def coef(self) -> float:
+        return 1.0 if self.std_coef is None else self.std_coef
+
+
+class EnsembleSpec(_Strict):
+    """train-rm only: K reward models in one command, saved as RUN/member-k/ with RUN/ensemble.json."""
+
+    members: int = Field(
+        ge=2, description="How many reward models to train, one after another; member k uses seed + k."
+    )
+    bootstrap: bool = Field(
+        False, description="Train each member on a seeded resample with replacement of the training rows (as many "
+        "rows as data.train keeps); the held-out rows are the same for every member."
+    )
 
 
 class PPOSpec(_Strict):
@@ -647,6 +689,9 @@ class Recipe(_Strict):
     divergence: DivergenceSpec = Field(
         default_factory=DivergenceSpec, description="When a diverging sft/train-rm run stops (NaN/inf always)."
     )
+    ensemble: EnsembleSpec | None = Field(
+        None, description="train-rm only: train an ensemble of reward models (members, bootstrap); see docs/ppo.md."
+    )
 
     @model_validator(mode="after")
     def _fits_builtin_positions(self) -> Recipe:
@@ -928,6 +973,7 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
     if recipe.ppo is not None:
         ppo = recipe.ppo
         ppo.reward.model = _resolve_path(ppo.reward.model, base_dir, must_exist=False, what="ppo.reward.model")
+        ppo.reward.models = _resolve_paths_list(ppo.reward.models, base_dir, "ppo.reward.models")
         ppo.value_model = _resolve_path(ppo.value_model, base_dir, must_exist=False, what="ppo.value_model")
         ppo.ref_model = _resolve_path(ppo.ref_model, base_dir, must_exist=False, what="ppo.ref_model")
     sources = {}
@@ -948,6 +994,7 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
         if spec.reward is not None:
             spec.reward.model = _resolve_path(spec.reward.model, base_dir, must_exist=False,
                                               what="generate.reward.model")  # fmt: skip
+            spec.reward.models = _resolve_paths_list(spec.reward.models, base_dir, "generate.reward.models")
         sources["generate.prompts"] = spec.prompts
     if recipe.label is not None:
         spec = recipe.label
@@ -1050,6 +1097,10 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
         if getattr(recipe, section) is not None and stage != section:
             raise UserError(f"Recipe {source} has a `{section}:` section, but it is run as the {stage} stage; "
                             f"`{section}:` belongs in a recipe for `{COMMANDS[section]}`.")  # fmt: skip
+    if recipe.ensemble is not None and stage != "rm":
+        raise UserError(f"Recipe {source} has an `ensemble:` section, but it is run as the {stage} stage; "
+                        "ensembles are trained by `rlhf train-rm` (score with one through a reward's model or "
+                        "models key).")  # fmt: skip
     if stage == "dpo" and recipe.dpo is None:
         recipe.dpo = DPOSpec()
     if stage == "kto" and recipe.kto is None:
@@ -1069,6 +1120,13 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
     return recipe
 
 
+def _resolve_paths_list(paths: list[str] | None, base_dir: Path, what: str) -> list[str] | None:
+    """`_resolve_path` for each path of a list key (a reward ensemble's models)."""
+    if paths is None:
+        return None
+    return [_resolve_path(path, base_dir, must_exist=False, what=f"{what}[{index}]") for index, path in enumerate(paths)]
+
+
 def _check_sections_without_training(recipe: Recipe, stage: str, source: str) -> None:
     """eval and generate train nothing: no `training:`, `data:`, `ppo:`, LoRA or multi-process launch."""
     own = {"eval": "eval.prompts, eval.preferences or eval.demonstrations", "generate": "generate.prompts",
@@ -1079,6 +1137,7 @@ def _check_sections_without_training(recipe: Recipe, stage: str, source: str) ->
         (recipe.ppo, "takes no `ppo:` section"),
         (recipe.dpo, "takes no `dpo:` section"),
         (recipe.kto, "takes no `kto:` section"),
+        (recipe.ensemble, "takes no `ensemble:` section (ensembles are trained by `rlhf train-rm`)"),
         *[(getattr(recipe, other), f"takes no `{other}:` section (that is the {other} stage's)")
           for other in ("eval", "generate", "label") if other != stage],
         (recipe.model is not None and recipe.model.lora,

@@ -262,3 +262,85 @@ def load_rule_reward(spec: str, what: str = "ppo.reward.function"):
     if not callable(function):
         raise UserError(f"{what} {spec!r} is not callable.")
     return function
+
+
+# ---------------------------------------------------------------- reward-model ensembles
+
+# How the scores r_1..r_K of one response by K reward models (an ensemble) become one reward (Coste et al. 2023,
+# "Reward Model Ensembles Help Mitigate Overoptimization"):
+#
+#     mean:            s = (1/K) * sum_k r_k
+#     min:             s = min_k r_k                               (worst case: as good as the harshest member says)
+#     mean_minus_std:  s = (1/K) * sum_k r_k - c * std_k r_k       (uncertainty-weighted, c = std_coef >= 0)
+#
+# std is the population standard deviation, sqrt((1/K) * sum_k (r_k - mean)^2) (divisor K, not K - 1): it describes
+# these K members' disagreement, and is 0 for one member. `ensemble_spread` gives it per response.
+COMBINE_MODES = ("mean", "min", "mean_minus_std")
+
+
+def _columns(per_member: Sequence[Sequence[float]]) -> list[tuple[float, ...]]:
+    if not per_member:
+        raise ValueError("no scores to combine")
+    if len({len(scores) for scores in per_member}) != 1:
+        raise ValueError("every member (scorer) must score the same candidates (responses)")
+    return list(zip(*per_member))
+
+
+def _std(column: Sequence[float]) -> float:
+    mean = sum(column) / len(column)
+    return (sum((value - mean) ** 2 for value in column) / len(column)) ** 0.5
+
+
+def ensemble_spread(per_member: Sequence[Sequence[float]]) -> list[float]:
+    """The population std over members of each response's scores: sqrt((1/K) * sum_k (r_k - mean_k r_k)^2)."""
+    return [_std(column) for column in _columns(per_member)]
+
+
+def combine_scores(per_member: Sequence[Sequence[float]], how: str = "mean", std_coef: float = 1.0) -> list[float]:
+    """One score per response from every member's scores of the same responses (`per_member[k][i]` = r_k of
+    response i): mean, min or mean_minus_std (mean - std_coef * population std), as in the comment above."""
+    if how not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {', '.join(COMBINE_MODES)}, not {how!r}")
+    if std_coef < 0:
+        raise ValueError(f"std_coef must be >= 0, got {std_coef}")
+    columns = _columns(per_member)
+    if how == "min":
+        return [float(min(column)) for column in columns]
+    means = [sum(column) / len(column) for column in columns]
+    if how == "mean":
+        return means
+    return [mean - std_coef * _std(column) for mean, column in zip(means, columns)]
+
+
+ENSEMBLE_FILE = "ensemble.json"  # written by `rlhf train-rm` with `ensemble:` next to its member-k/ directories
+
+
+def ensemble_member_paths(path: str | None) -> list[str] | None:
+    """The member directories of an ensemble directory (one with ensemble.json), in member order; None otherwise."""
+    if not path:
+        return None
+    record_file = Path(path) / ENSEMBLE_FILE
+    if not record_file.is_file():
+        return None
+    try:
+        members = json.loads(record_file.read_text(encoding="utf-8"))["members"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{record_file} cannot be read as an ensemble record ({exc}); rerun `rlhf train-rm`.") from None
+    paths = [str(Path(path) / member) for member in members]
+    missing = [member for member in paths if not Path(member).is_dir()]
+    if missing:
+        raise UserError(f"{record_file} lists {missing[0]}, which does not exist: the ensemble is incomplete.")
+    return paths
+
+
+def reward_model_paths(spec: Any, what: str) -> list[str]:
+    """The reward models a RewardSpec names (`models`, an ensemble directory in `model`, or one `model`); [] for a
+    rule. `combine`/`std_coef` with a single reward model is an error: there is nothing to combine."""
+    if getattr(spec, "function", None):
+        return []
+    paths = list(spec.models) if spec.models else ensemble_member_paths(spec.model) or [spec.model]
+    if len(paths) < 2 and (spec.combine is not None or spec.std_coef is not None):
+        raise UserError(f"{what}.combine combines several reward models, but {what}.model ({spec.model}) is a single "
+                        "reward model (no ensemble.json): list several under models, point model at an ensemble "
+                        "directory from `rlhf train-rm` with `ensemble:`, or remove combine/std_coef.")  # fmt: skip
+    return paths

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from rlhf_cli import rewards
 from rlhf_cli.errors import UserError
 from rlhf_cli.labelling.records import Item, PairLabel, ranking_pairs
 
@@ -38,17 +39,11 @@ PairsHow = Literal["all", "best_vs_worst"]
 
 
 def combine_scores(per_scorer: Sequence[Sequence[float]], how: Combine = "mean") -> list[float]:
-    """One score per candidate from every scorer's scores of the same candidates: their mean or their minimum."""
+    """One score per candidate from every scorer's scores of the same candidates: their mean or their minimum
+    (`rlhf_cli.rewards.combine_scores`, shared with PPO's and generate's reward-model ensembles)."""
     if how not in ("mean", "min"):
         raise ValueError(f"combine must be 'mean' or 'min', not {how!r}")
-    if not per_scorer:
-        raise ValueError("no scores to combine")
-    if len({len(scores) for scores in per_scorer}) != 1:
-        raise ValueError("every scorer must score the same candidates")
-    columns = list(zip(*per_scorer))
-    if how == "min":
-        return [float(min(column)) for column in columns]
-    return [sum(column) / len(column) for column in columns]
+    return rewards.combine_scores(per_scorer, how)
 
 
 def bradley_terry(gap: float) -> float:

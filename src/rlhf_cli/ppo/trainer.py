@@ -45,7 +45,7 @@ from rlhf_cli.ppo.rollout import (
     reward_scores,
 )
 from rlhf_cli.recipe import Recipe
-from rlhf_cli.rewards import load_rule_reward
+from rlhf_cli.rewards import combine_scores, ensemble_spread, load_rule_reward, reward_model_paths
 from rlhf_cli.rundir import METRICS_FILE, dumps, interrupt_callback, last_checkpoint, mark_checkpoint_complete
 
 
@@ -88,8 +88,11 @@ def check_companion_tokenizers(tokenizer, recipe: Recipe) -> None:
     """The reference, critic and reward model named in the recipe read the policy's token ids (each path once)."""
     ppo = recipe.ppo
     others = {}
-    for what, path in (("ppo.ref_model", ppo.ref_model), ("ppo.value_model", ppo.value_model),
-                       ("ppo.reward.model", ppo.reward.model)):  # fmt: skip
+    rewards = reward_model_paths(ppo.reward, "ppo.reward")
+    named = [("ppo.ref_model", ppo.ref_model), ("ppo.value_model", ppo.value_model)]
+    named += [("ppo.reward.model" if len(rewards) == 1 else f"ppo.reward member {k}", path)
+              for k, path in enumerate(rewards)]  # fmt: skip
+    for what, path in named:
         if path:
             others.setdefault(path, what)
     for path, what in others.items():
@@ -200,7 +203,9 @@ class PPOTrainer:
         self.rule = load_rule_reward(recipe.ppo.reward.function) if recipe.ppo.reward.function else None
         judge = recipe.ppo.judge
         self.judge_rule = load_rule_reward(judge.function, "ppo.judge.function") if judge and judge.function else None
-        self.tokenizer, trainable, self.ref, self.reward_model = self._load_models(prompts)
+        # The reward model, or an ensemble of them (ppo.reward.models, or an ensemble directory): one frozen model each.
+        self.reward_paths = reward_model_paths(recipe.ppo.reward, "ppo.reward")
+        self.tokenizer, trainable, self.ref, self.reward_models = self._load_models(prompts)
         self.judge_model = None
         if judge and judge.model:  # frozen, never trained on: an independent check of the proxy's gains
             from transformers import AutoModelForSequenceClassification
@@ -210,8 +215,9 @@ class PPOTrainer:
             self.judge_model.requires_grad_(False).eval()
         # How each reward model reads text: its rendering.json (as `rlhf train-rm` trained it), or None (a model
         # without one reads the rollout's token ids at the response's last token, as before).
-        self.reward_reader = self._reward_reader(self.reward_model, recipe.ppo.reward.model, "ppo.reward.model",
-                                                 prompts)  # fmt: skip
+        self.reward_readers = [self._reward_reader(model, path, "ppo.reward.model" if len(self.reward_paths) == 1
+                                                   else f"ppo.reward member {k}", prompts)
+                               for k, (model, path) in enumerate(zip(self.reward_models, self.reward_paths))]  # fmt: skip
         self.judge_reader = self._reward_reader(self.judge_model, judge.model if judge else None, "ppo.judge.model",
                                                 prompts)  # fmt: skip
         policy_params, critic_params = trainable.parameter_groups()
@@ -232,7 +238,7 @@ class PPOTrainer:
         self.distributed = acc.distributed_type != DistributedType.NO
         self.unwrapped = acc.unwrap_model(self.model) if self.distributed else self.model
         self.ref = self._prepare_frozen(self.ref)
-        self.reward_model = self._prepare_frozen(self.reward_model)
+        self.reward_models = [self._prepare_frozen(model) for model in self.reward_models]
         self.judge_model = self._prepare_frozen(self.judge_model)
         self.state = PPOState(beta=config.kl_coef)
         acc.register_for_checkpointing(self.state)
@@ -268,38 +274,39 @@ class PPOTrainer:
 
             disable_dropout(policy)
             trainable = LoraPolicyAndCritic(policy, lora_config(spec, "causal_lm"))
-            reward_model = None
-            if ppo.reward.model:
-                reward_model = AutoModelForSequenceClassification.from_pretrained(ppo.reward.model, num_labels=1)
+            reward_models = [AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+                             for path in self.reward_paths]  # fmt: skip
+            for reward_model in reward_models:
                 disable_dropout(reward_model)
                 reward_model.requires_grad_(False).eval()
-            return tokenizer, trainable, None, reward_model
+            return tokenizer, trainable, None, reward_models
         if ppo.ref_model:
             ref = AutoModelForCausalLM.from_pretrained(ppo.ref_model)
         else:
             ref = copy_or_load(policy, lambda: load_model(spec, policy_path, "causal_lm", tokenizer))
-        reward_model = None
-        if ppo.reward.model:
-            reward_model = AutoModelForSequenceClassification.from_pretrained(ppo.reward.model, num_labels=1)
-        value_path = ppo.value_model or ppo.reward.model
+        reward_models = [AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+                         for path in self.reward_paths]  # fmt: skip
+        reward_model = reward_models[0] if reward_models else None
+        # The critic starts from the reward model; from an ensemble, from member 0.
+        value_path = ppo.value_model or (self.reward_paths[0] if self.reward_paths else None)
         if value_path is None:  # no reward model to start from (rule reward): the policy's body, a fresh value head
             critic = load_model(spec, policy_path, "reward", tokenizer)
-        elif reward_model is not None and value_path == ppo.reward.model:
+        elif reward_model is not None and value_path == self.reward_paths[0]:
             critic = copy_or_load(reward_model, lambda: AutoModelForSequenceClassification.from_pretrained(
                 value_path, num_labels=1))  # fmt: skip
         else:
             critic = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1)
         critic.config.pad_token_id = tokenizer.pad_token_id
-        for model in (policy, ref, critic, reward_model):
+        for model in (policy, ref, critic, *reward_models):
             if model is not None:
                 disable_dropout(model)  # PPO's ratio compares two forward passes: they must agree
-        for frozen in (ref, reward_model):
+        for frozen in (ref, *reward_models):
             if frozen is not None:
                 frozen.requires_grad_(False).eval()
         if config.gradient_checkpointing:
             for model in (policy, critic):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return tokenizer, PolicyAndCritic(policy, critic), ref, reward_model
+        return tokenizer, PolicyAndCritic(policy, critic), ref, reward_models
 
     def _reward_reader(self, model, path: str | None, what: str, prompts):
         """A rendering.RewardReader for a reward model saved by `rlhf train-rm` (its rendering.json), else None with
@@ -330,6 +337,18 @@ class PPOTrainer:
         values = reader.score_responses(model, [self.prompt_texts[i] for i in rows], responses,
                                         self.accelerator.device, batch_size=len(rows))  # fmt: skip
         return torch.tensor(values, dtype=torch.float, device=self.accelerator.device)
+
+    @staticmethod
+    def _ensemble_metrics(roll: dict, mean) -> dict[str, float]:
+        """An ensemble's members: score/member_k, each member's mean raw score, and score/ensemble_std, the mean
+        over responses of the population std of the members' scores (their disagreement)."""
+        if "member_scores" not in roll:
+            return {}
+        members = roll["member_scores"]
+        metrics = {f"score/member_{k}": mean(row) for k, row in enumerate(members)}
+        spread = ensemble_spread(members.tolist())  # per response: population std over members
+        metrics["score/ensemble_std"] = mean(torch.tensor(spread, device=members.device))
+        return metrics
 
     def _prepare_frozen(self, model):
         """Frozen models join the DeepSpeed run as inference engines (sharded under ZeRO-3), else sit on the device."""
@@ -391,7 +410,7 @@ class PPOTrainer:
         batch = Batch(query_ids, query_mask, response_ids, response_mask)
 
         parts: dict[str, list[torch.Tensor]] = {"logprobs": [], "values": [], "ref_logprobs": [], "scores": [],
-                                                "judge_scores": []}  # fmt: skip
+                                                "judge_scores": [], "member_scores": []}  # fmt: skip
         with timer("forward"):
             for chunk in self._chunks(len(indices)):  # bounded memory: logits are (rows, length, vocab)
                 sub = batch.select(chunk)
@@ -404,11 +423,20 @@ class PPOTrainer:
                 else:  # LoRA mode: the base model without its adapters
                     reference = self.unwrapped.reference_logits(sub.inputs())
                     parts["ref_logprobs"].append(response_logprobs(reference, sub, cfg.temperature))
-                if self.reward_model is not None:
-                    parts["scores"].append(self._scores(self.reward_model, self.reward_reader, sub, rows))
+                if len(self.reward_models) == 1:
+                    parts["scores"].append(self._scores(self.reward_models[0], self.reward_readers[0], sub, rows))
+                elif self.reward_models:  # an ensemble: (members, rows) scores, combined below
+                    parts["member_scores"].append(torch.stack([self._scores(model, reader, sub, rows) for model, reader
+                                                               in zip(self.reward_models, self.reward_readers)]))
                 if self.judge_model is not None:
                     parts["judge_scores"].append(self._scores(self.judge_model, self.judge_reader, sub, rows))
+            member_scores = parts.pop("member_scores")
             rollout = {key: torch.cat(values) for key, values in parts.items() if values}
+            if member_scores:
+                rollout["member_scores"] = torch.cat(member_scores, dim=1)
+                reward = self.recipe.ppo.reward
+                combined = combine_scores(rollout["member_scores"].tolist(), reward.combine_how, reward.coef)
+                rollout["scores"] = torch.tensor(combined, dtype=torch.float, device=acc.device)
             if self.rule is not None or self.judge_rule is not None:
                 completions = tok.batch_decode(response_ids, skip_special_tokens=True)
                 prompts = [self.prompt_texts[i] for i in indices]
@@ -476,6 +504,7 @@ class PPOTrainer:
             "eos_rate": mean(roll["has_eos"]),
             "repetition_rate": mean(repeats_an_ngram(batch.response_ids, batch.response_mask)),
             **({"judge_score": mean(roll["judge_scores"])} if "judge_scores" in roll else {}),
+            **self._ensemble_metrics(roll, mean),
             "explained_variance": explained_variance(roll["values"], returns, mask).item(),
             "learning_rate": self.scheduler.get_last_lr()[0],
             **{key: torch.stack(values).mean().item() for key, values in stats.items() if values},

@@ -406,7 +406,15 @@ def run_stage(
     if dry_run:
         data, lines = dry_run_data(stage, recipe, plan)
         show_dry_run(stage, plan, trainer_config_kwargs(stage, recipe, run_dir, plan, data), recipe, lines)
+        if recipe.ensemble is not None:
+            make_console(stderr=True).print(f"Ensemble: {recipe.ensemble.members} members trained one after another "
+                                            f"into {run_dir}/member-k/, seeds {recipe.seed}..."
+                                            f"{recipe.seed + recipe.ensemble.members - 1}.", highlight=False)
         return 0
+    if recipe.ensemble is not None:  # train-rm with `ensemble:`: K members, one after another (stages/reward.py)
+        from rlhf_cli.stages.reward import run_ensemble
+
+        return run_ensemble(stage, recipe, run_dir, plan, overwrite=overwrite, resume=resume)
     with RunDirectory(run_dir, overwrite=overwrite, resume=resume) as run:
         data = load_stage_data(stage, recipe)
         if plan.distributed:
