@@ -51,6 +51,10 @@ class PPOConfig:
     sample_every: int = _help("Log a table of prompt / response / score every N iterations (0 = never).", 10)
     num_samples: int = _help("Rows in that table.", 4)
     save_steps: int = _help("Save a resumable checkpoint every N iterations.", 50)
+    snapshot_steps: int | None = _help(
+        "Save the policy (weights + tokenizer, loadable by any command) to snapshots/step-N every N iterations and "
+        "at the end, for `rlhf eval`'s over-optimisation curve (eval.curve); with LoRA the merged policy. "
+        "None = off.", None)
 
     def __post_init__(self):
         if self.rollout_batch_size % self.mini_batch_size:
@@ -63,6 +67,8 @@ class PPOConfig:
             raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {self.top_p!r}")
         if self.kl_horizon < 1:
             raise ValueError(f"kl_horizon must be at least 1 (samples), got {self.kl_horizon!r}")
+        if self.snapshot_steps is not None and self.snapshot_steps < 1:
+            raise ValueError(f"snapshot_steps must be at least 1 (or unset), got {self.snapshot_steps!r}")
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
 

@@ -49,6 +49,7 @@ from rlhf_cli.rewards import combine_scores, ensemble_spread, load_rule_reward, 
 from rlhf_cli.rundir import METRICS_FILE, dumps, interrupt_callback, last_checkpoint, mark_checkpoint_complete
 
 
+SNAPSHOTS_DIR = "snapshots"  # training.snapshot_steps: the policy at step N in snapshots/step-N
 ALARM_EXIT_CODE = DIVERGED_EXIT_CODE  # one code, 3, for every alarm: divergence or reward hacking
 # A step whose losses, gradient norm, rewards or KL are not finite has poisoned the weights (or the reward model
 # gives NaN): the run stops there.
@@ -601,6 +602,8 @@ class PPOTrainer:
                     acc.wait_for_everyone()  # every rank's shard is on disk before the checkpoint counts as complete
                     if main:
                         mark_checkpoint_complete(checkpoint)
+                if cfg.snapshot_steps and state.step % cfg.snapshot_steps == 0:
+                    self.save_snapshot()
                 if stopped_by:
                     if main:
                         console.print(f"[red]Stopped by the {', '.join(a.name for a in stopped_by)} alarm[/] "
@@ -611,8 +614,40 @@ class PPOTrainer:
                         console.print(f"Interrupted: checkpoint saved in {checkpoint}."
                                       " Continue with the same command and --resume.")  # fmt: skip
                     return INTERRUPTED_EXIT_CODE
+        if cfg.snapshot_steps and state.step % cfg.snapshot_steps:
+            self.save_snapshot()  # the last step, off the interval
         self.save_final(time.time() - started)
         return 0
+
+    def save_snapshot(self) -> Path:
+        """The policy as it is now in snapshots/step-N (training.snapshot_steps): weights, config and tokenizer, a
+        model directory every command loads, for the over-optimisation curve of `rlhf eval` (eval.curve). Under
+        ZeRO-3 the weights are gathered as in `save_final` (every rank takes part, rank 0 writes); with LoRA the
+        policy adapter is merged into a copy of the base. Written under a .partial name and renamed when whole."""
+        import shutil
+
+        acc = self.accelerator
+        directory = self.run_dir / SNAPSHOTS_DIR / f"step-{self.state.step}"
+        partial = directory.with_name(directory.name + ".partial")
+        both = self.unwrapped
+        if isinstance(both, LoraPolicyAndCritic):
+            if acc.is_main_process:
+                merged = copy.deepcopy(both.body)
+                merged.set_adapter("policy")
+                merged.merge_and_unload(adapter_names=["policy"]).save_pretrained(partial)
+                del merged
+        else:
+            full_state = acc.get_state_dict(self.model) if self.distributed else self.model.state_dict()
+            own = {key[len("policy."):]: value for key, value in (full_state or {}).items()
+                   if key.startswith("policy.")}  # fmt: skip
+            both.policy.save_pretrained(partial, is_main_process=acc.is_main_process, state_dict=own)
+        if acc.is_main_process:
+            self.tokenizer.save_pretrained(partial)
+            if directory.exists():  # a resumed run passes the same step again
+                shutil.rmtree(directory)
+            partial.rename(directory)
+        acc.wait_for_everyone()
+        return directory
 
     def _save_lora(self, both: LoraPolicyAndCritic) -> None:
         """Adapters in adapter/policy and adapter/critic (value head beside them); with model.lora.merge, the policy
