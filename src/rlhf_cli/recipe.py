@@ -462,6 +462,21 @@ class GenerateSpec(SamplingSpec):
     )
 
 
+class CurveSpec(_Strict):
+    """eval.curve: the over-optimisation curve of a PPO run's policy snapshots (training.snapshot_steps)."""
+
+    run: str | None = Field(
+        None, description="A `rlhf ppo` run directory whose snapshots/step-N are evaluated; default: eval.ppo_run."
+    )
+    every: PositiveInt = Field(
+        1, description="Evaluate every n-th snapshot in step order (the last one always); 1 = all."
+    )
+    gold: RewardSpec = Field(
+        description="The gold reward, a model or a rule (module.path:function), scored on the same responses as "
+        "the proxy eval.reward_model."
+    )
+
+
 class EvalSpec(SamplingSpec):
     """`rlhf eval`: measure a policy (`model:`) against a reference, and a reward model on preference pairs."""
 
@@ -501,6 +516,11 @@ class EvalSpec(SamplingSpec):
     ppo_run: str | None = Field(
         None, description="A `rlhf ppo` run directory: its metrics.jsonl becomes training-curve plots."
     )
+    curve: CurveSpec | None = Field(
+        None, description="Over-optimisation curve: every (or every n-th) policy snapshot of a PPO run, and the "
+        "reference as step 0, sample eval.prompts with the same seeds; proxy (eval.reward_model) and gold "
+        "(curve.gold) score the same responses, plotted against sqrt(KL to eval.reference). See docs/eval.md."
+    )
     num_samples_in_report: int = Field(8, ge=0, description="Prompts shown with both responses in report.md.")
     max_length: PositiveInt = Field(
         512, description="Longest preference pair or demonstration (prompt + response) in tokens; a longer one "
@@ -522,6 +542,14 @@ class EvalSpec(SamplingSpec):
         if self.compare and not (self.prompts or self.demonstrations or (self.preferences and self.reference)):
             raise ValueError("compare evaluates every policy on prompts, demonstrations or (with a reference) "
                              "preferences: give one of them")
+        if self.curve is not None:
+            missing = [key for key in ("prompts", "reference", "reward_model") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(f"curve needs {', '.join(missing)}: every snapshot answers eval.prompts, its KL is "
+                                 "measured against eval.reference and the proxy score is eval.reward_model's")
+            if self.curve.run is None and self.ppo_run is None:
+                raise ValueError("curve needs a PPO run: set curve.run (or eval.ppo_run) to a `rlhf ppo` run "
+                                 "directory saved with training.snapshot_steps")
         if self.name == "reference":
             raise ValueError("'reference' names eval.reference in the report: choose another eval.name")
         for key, path in self.compare.items():
@@ -838,7 +866,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 _PATH_KEYS = {"model.name_or_path", "model.tokenizer", "model.chat_template", "data.train.path", "data.eval.path",
               "ppo.reward.model", "ppo.value_model", "ppo.ref_model",
               "eval.reference", "eval.reward_model", "eval.judge.model", "eval.prompts.path", "eval.preferences.path",
-              "eval.demonstrations.path", "eval.ppo_run", "generate.prompts.path", "generate.reward.model",
+              "eval.demonstrations.path", "eval.ppo_run", "eval.curve.run", "eval.curve.gold.model",
+              "generate.prompts.path", "generate.reward.model",
               "label.prompts.path", "label.candidates.path", "label.labeller.model", "label.labeller.constitution",
               "label.labeller.guidelines"}
 
@@ -986,6 +1015,13 @@ def _resolve_paths(recipe: Recipe, base_dir: Path) -> None:
         if spec.judge is not None:
             spec.judge.model = _resolve_path(spec.judge.model, base_dir, must_exist=False, what="eval.judge.model")
         spec.ppo_run = _resolve_path(spec.ppo_run, base_dir, must_exist=True, what="eval.ppo_run")
+        if spec.curve is not None:
+            spec.curve.run = _resolve_path(spec.curve.run, base_dir, must_exist=True, what="eval.curve.run")
+            gold = spec.curve.gold
+            gold.model = _resolve_path(gold.model, base_dir, must_exist=False, what="eval.curve.gold.model")
+            if getattr(gold, "models", None):
+                gold.models = [_resolve_path(path, base_dir, must_exist=False, what=f"eval.curve.gold.models[{n}]")
+                               for n, path in enumerate(gold.models)]  # fmt: skip
         spec.compare = {name: _resolve_path(path, base_dir, must_exist=False, what=f"eval.compare.{name}")
                         for name, path in spec.compare.items()}  # fmt: skip
         sources.update({f"eval.{name}": getattr(spec, name) for name in ("prompts", "preferences", "demonstrations")})

@@ -439,3 +439,43 @@ def pearson(x, y) -> float:
     denominator = math.sqrt(float((da * da).sum()) * float((db * db).sum()))
     # Rounding can push |r| a hair past 1 for perfectly linear data.
     return max(-1.0, min(1.0, float((da * db).sum()) / denominator))
+
+
+# ---------------------------------------------------------------- over-optimisation curve (Gao et al. 2023)
+
+
+def curve_point(step: int, proxy_scores, gold_scores, policy_logprob_sums, reference_logprob_sums) -> dict:
+    """One point of the over-optimisation curve: the policy at PPO step `step` (0: the reference itself), its N
+    responses y_i to the curve's prompts scored by the proxy and the gold reward (the same responses for both):
+
+        kl          = (1/N) sum_i d_i,   d_i = sum_t log pi(y_i,t | .) - log pi_ref(y_i,t | .)   (`sampled_kl`)
+        sqrt_kl     = sqrt(max(kl, 0))   (a sampled KL can come out slightly negative; it is then drawn at 0)
+        proxy_mean  = (1/N) sum_i proxy(y_i),   gold_mean = (1/N) sum_i gold(y_i)
+
+    Returns {"step", "kl", "kl_stderr", "sqrt_kl", "proxy_mean", "gold_mean", "n"}."""
+    proxy, gold = _paired(proxy_scores, gold_scores, "proxy_scores", "gold_scores")
+    kl = sampled_kl(policy_logprob_sums, reference_logprob_sums)
+    if kl["count"] != proxy.size:
+        raise ValueError(f"{proxy.size} scores but {kl['count']} log-probability sums: they must be the same responses")
+    return {"step": int(step), "kl": kl["kl"], "kl_stderr": kl["stderr"], "sqrt_kl": math.sqrt(max(kl["kl"], 0.0)),
+            "proxy_mean": float(proxy.mean()), "gold_mean": float(gold.mean()), "n": int(proxy.size)}  # fmt: skip
+
+
+def gold_peak(points: Sequence[dict]) -> dict:
+    """Where the gold reward peaks along the curve (points in step order):
+
+        k* = argmax_k gold_mean(k)            (the earliest step on a tie)
+        gold_peaks_before_end = gold_mean(last) < gold_mean(k*)
+
+    i.e. the gold score fell after its peak: the over-optimisation of Gao et al. (2023), whose gold reward is an
+    inverted U in sqrt(KL). When it is False the gold score was still at its highest at the last point.
+
+    Returns {"gold_peak": {"step", "sqrt_kl", "gold_mean"}, "gold_peaks_before_end": bool,
+    "gold_drop_after_peak": gold_mean(k*) - gold_mean(last)}."""
+    if not points:
+        raise ValueError("the curve has no points")
+    best = max(range(len(points)), key=lambda k: (points[k]["gold_mean"], -k))
+    peak, last = points[best], points[-1]
+    return {"gold_peak": {"step": peak["step"], "sqrt_kl": peak["sqrt_kl"], "gold_mean": peak["gold_mean"]},
+            "gold_peaks_before_end": bool(last["gold_mean"] < peak["gold_mean"]),
+            "gold_drop_after_peak": float(peak["gold_mean"] - last["gold_mean"])}  # fmt: skip

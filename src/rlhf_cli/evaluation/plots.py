@@ -166,3 +166,34 @@ def overoptimisation(records: list[dict], path) -> Path:
     """Scatter of the proxy (reward-model) score against KL from the reference, one point per logged PPO step, with
     the judge score on the same axes when the run logged `judge_score` (see `overoptimisation_figure`)."""
     return _save(overoptimisation_figure(records), path)
+
+
+def overoptimisation_curve(points: list[dict], peak: dict, path) -> Path:
+    """The over-optimisation curve of eval.curve: proxy (reward model, left axis) and gold (right axis) mean score
+    against sqrt(KL(policy || reference)), one point per evaluated snapshot (labelled with its PPO step; step 0 is
+    the reference), the gold peak marked with a star. Two y-axes, raw scores: the proxy's scale is arbitrary (a
+    Bradley-Terry logit) and the gold's is its own (a rule's 0..1), so neither is standardised."""
+    figure, (axes,) = _figure(width_per_plot=7.0, height=4.5)
+    figure.subplots_adjust(right=1 - 0.8 / 7.0)
+    x = [point["sqrt_kl"] for point in points]
+    proxy = [point["proxy_mean"] for point in points]
+    gold = [point["gold_mean"] for point in points]
+    axes.plot(x, proxy, "o-", color=POLICY_COLOR, label="proxy (reward model)")
+    axes.set_xlabel("sqrt(KL(policy || reference)), KL in nats per response")
+    axes.set_ylabel("proxy: mean reward-model score", color=POLICY_COLOR)
+    gold_axes = axes.twinx()
+    gold_axes.plot(x, gold, "^-", color=JUDGE_COLOR, label="gold")
+    gold_axes.set_ylabel("gold: mean score", color=JUDGE_COLOR)
+    best = peak["gold_peak"]
+    gold_axes.plot([best["sqrt_kl"]], [best["gold_mean"]], "*", markersize=16, color="tab:red",
+                   label=f"gold peak (step {best['step']})")  # fmt: skip
+    for point, value in zip(points, proxy):
+        axes.annotate(str(point["step"]), (point["sqrt_kl"], value), textcoords="offset points", xytext=(3, 4),
+                      fontsize=7, color=POLICY_COLOR)  # fmt: skip
+    handles = axes.get_legend_handles_labels()[0] + gold_axes.get_legend_handles_labels()[0]
+    labels = axes.get_legend_handles_labels()[1] + gold_axes.get_legend_handles_labels()[1]
+    axes.legend(handles, labels, loc="best", fontsize=8, title="numbers: PPO step")
+    verdict = "gold peaks before the end" if peak["gold_peaks_before_end"] else "gold still at its peak at the end"
+    axes.set_title(f"Over-optimisation: proxy and gold vs sqrt(KL) ({verdict})")
+    axes.grid(alpha=0.3)
+    return _save(figure, path)

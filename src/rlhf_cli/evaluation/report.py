@@ -41,6 +41,13 @@ are exactly what the functions in `rlhf_cli.evaluation.metrics` return, so a sta
             "likelihood_displacement": bool,
             "beta_source": str, "max_length": int, "max_length_source": str, "pairs_cut": int,
         },
+        "overoptimisation": {                    # eval.curve: PPO snapshots on the same prompts, same seeds
+            "run": str, "gold": str, "proxy": str,
+            "points": [{"step", "kl", "kl_stderr", "sqrt_kl", "proxy_mean", "gold_mean", "n"}, ...],
+                                                 # metrics.curve_point(...) per snapshot, step 0 = the reference
+            "gold_peak": {"step", "sqrt_kl", "gold_mean"}, "gold_peaks_before_end": bool,
+            "gold_drop_after_peak": float,       # metrics.gold_peak(points)
+        },
         "warnings": [str, ...],                  # likelihood displacement, ...; absent when there is none
         "policies": {                            # with eval.compare: every policy, `model:` first (eval.name)
             name: {"path": str, "prompts": int,
@@ -78,6 +85,8 @@ FIGURES = {
     "training_curves.png": "PPO training curves",
     "overoptimisation.png": "Proxy (reward-model) score against KL from the reference, one point per PPO step, "
     "with the judge score when the PPO run logged one",
+    "overoptimisation_curve.png": "Over-optimisation curve: proxy and gold score of each PPO snapshot against "
+    "sqrt(KL to the reference), the gold peak starred",
 }
 
 
@@ -301,6 +310,21 @@ def _policies_section(policies: dict[str, dict], head_to_head: list[dict]) -> li
     return lines
 
 
+def _overoptimisation_section(curve: dict) -> list[str]:
+    peak = curve["gold_peak"]
+    verdict = (f"the gold score peaks at step {peak['step']} (sqrt(KL) {_fmt(peak['sqrt_kl'])}, gold "
+               f"{_fmt(peak['gold_mean'])}) and falls by {_fmt(curve['gold_drop_after_peak'])} by the last snapshot"
+               if curve["gold_peaks_before_end"] else
+               f"the gold score is still at its highest at the end (step {peak['step']}, gold "
+               f"{_fmt(peak['gold_mean'])}): no over-optimisation within this run")  # fmt: skip
+    lines = ["## Over-optimisation curve", "",
+             f"Snapshots of {_cell(curve['run'])}, each answering the same prompts with the same seeds; proxy "
+             f"{_cell(curve['proxy'])} and gold {_cell(curve['gold'])} score the same responses. {verdict}.", ""]
+    rows = [[point["step"], _fmt(point["kl"]), _fmt(point["sqrt_kl"]), _fmt(point["proxy_mean"]),
+             _fmt(point["gold_mean"]), point["n"]] for point in curve["points"]]  # fmt: skip
+    return lines + _table(["step", "KL", "sqrt(KL)", "proxy mean", "gold mean", "n"], rows) + [""]
+
+
 def _samples_section(samples: list[dict]) -> list[str]:
     with_reference = any("reference_response" in sample for sample in samples)
     header = ["#", "prompt", "policy response", "policy score"]
@@ -352,6 +376,8 @@ def render_markdown(results: dict, samples: list[dict], out_dir: Path | None = N
         lines += _perplexity_section(results["perplexity"])
     if results.get("judge"):
         lines += _judge_section(results["judge"])
+    if results.get("overoptimisation"):
+        lines += _overoptimisation_section(results["overoptimisation"])
     if results.get("policies"):
         lines += _policies_section(results["policies"], results.get("head_to_head") or [])
     if samples:

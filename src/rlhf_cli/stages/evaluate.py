@@ -13,6 +13,8 @@ Each part runs when the recipe's `eval:` section gives its data:
                     chosen and rejected log-probabilities under policy and reference (likelihood displacement)
     compare         more policies beside `model:`: each answers the same prompts with the same seeds and is scored
                     alike; the report adds every policy's numbers and the win rate of every pair of policies
+    curve           the over-optimisation curve: a PPO run's policy snapshots (and the reference as step 0) answer
+                    the prompts with the same seeds; proxy and gold score the same responses, against sqrt(KL)
 
 The numbers come from `rlhf_cli.evaluation.metrics`, the files from `evaluation.report` and `evaluation.plots`;
 this module loads the models, samples, scores and assembles. Every input (data, models, tokenizers, the PPO run) is
@@ -53,6 +55,7 @@ from rlhf_cli.stages.common import quiet_hf_progress_bars, resolve_run_dir
 SAMPLES_FILE = "samples.jsonl"
 PAIR_SCORES_FILE = "pair_scores.jsonl"
 IMPLICIT_REWARDS_FILE = "implicit_rewards.jsonl"
+CURVE_SAMPLES_FILE = "curve_samples.jsonl"
 REFERENCE = "reference"  # the reference's label; no policy may take it (EvalSpec)
 
 
@@ -113,6 +116,9 @@ class EvalInputs:
     policies: list[Policy] = field(default_factory=list)  # `model:` first, then eval.compare in recipe order
     pair_scores: list[dict] | None = None  # set by `evaluate`: one row per preference pair, for pair_scores.jsonl
     implicit_rows: list[dict] | None = None  # set by `evaluate`: one row per policy and pair, implicit_rewards.jsonl
+    snapshots: list[tuple[int, Path]] | None = None  # eval.curve: (PPO step, snapshot directory) in step order
+    gold: Scorer | None = None  # eval.curve.gold
+    curve_rows: list[dict] | None = None  # set by `evaluate`: one row per snapshot and prompt, curve_samples.jsonl
 
 
 def run_eval(recipe: Recipe, *, output_dir: str | None = None, overwrite: bool = False, dry_run: bool = False) -> int:
@@ -155,10 +161,14 @@ def load_inputs(recipe: Recipe) -> EvalInputs:
         inputs.demonstrations = load_data(spec.demonstrations, "sft", what="eval.demonstrations")
     if spec.ppo_run is not None:
         inputs.ppo_records = read_ppo_records(spec.ppo_run)
+    if spec.curve is not None:
+        inputs.snapshots = list_snapshots(spec.curve.run or spec.ppo_run, spec.curve.every)
 
     conversational = any(_is_conversational(x) for x in (inputs.prompts, inputs.pairs, inputs.demonstrations))
     if spec.judge is not None and spec.judge.function:  # an import error is quicker to find than a model to load
         load_scorer(spec.judge, "eval.judge", None, None, conversational=conversational)
+    if spec.curve is not None and spec.curve.gold.function:
+        load_scorer(spec.curve.gold, "eval.curve.gold", None, None, conversational=conversational)
     if recipe.model is not None:  # what each policy is, and whether it has an implicit reward: before any model loads
         inputs.policies = [Policy(spec.name, recipe.model.name_or_path, "model.name_or_path")]
         inputs.policies += [Policy(name, path, f"eval.compare.{name}") for name, path in spec.compare.items()]
@@ -186,6 +196,12 @@ def load_inputs(recipe: Recipe) -> EvalInputs:
         inputs.judge = load_scorer(spec.judge, "eval.judge", recipe.model, inputs.tokenizer,
                                    conversational=conversational, max_length=explicit_length,
                                    assumed_max_length=spec.max_length)  # fmt: skip
+    if spec.curve is not None:
+        for step, path in inputs.snapshots:  # tokenizers only: the snapshots load one at a time in `evaluate`
+            check_reference_tokenizer(inputs.tokenizer, str(path), recipe, what=f"eval.curve snapshot step-{step}")
+        inputs.gold = load_scorer(spec.curve.gold, "eval.curve.gold", recipe.model, inputs.tokenizer,
+                                  conversational=conversational, max_length=explicit_length,
+                                  assumed_max_length=spec.max_length)  # fmt: skip
     _style_notes(inputs)
     return inputs
 
@@ -355,6 +371,31 @@ def read_ppo_records(run_dir: str) -> list[dict]:
     return records
 
 
+def list_snapshots(run: str, every: int) -> list[tuple[int, Path]]:
+    """(step, directory) of every `every`-th policy snapshot a PPO run saved in snapshots/step-N (training.
+    snapshot_steps), in step order from the first, the last always included."""
+    import re
+
+    from rlhf_cli.ppo.trainer import SNAPSHOTS_DIR
+
+    directory = Path(run) / SNAPSHOTS_DIR
+    found = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            match = re.fullmatch(r"step-(\d+)", path.name)
+            if match and path.is_dir() and (path / "config.json").is_file():
+                found.append((int(match.group(1)), path))
+    if not found:
+        raise UserError(f"eval.curve: {run} holds no policy snapshots ({SNAPSHOTS_DIR}/step-N with a config.json). "
+                        "Run `rlhf ppo` with training.snapshot_steps set (e.g. --set training.snapshot_steps=5) to "
+                        "save the policy every N steps, then evaluate that run directory.")  # fmt: skip
+    found.sort()
+    chosen = found[::every]
+    if chosen[-1] != found[-1]:
+        chosen.append(found[-1])
+    return chosen
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -396,6 +437,8 @@ def evaluate(inputs: EvalInputs, recipe: Recipe) -> tuple[dict, list[dict]]:
             results.update(sections)
             for name, entry in numbers.items():
                 per_policy[name].update(entry)
+        if inputs.snapshots is not None:
+            results["overoptimisation"], inputs.curve_rows = overoptimisation_curve(inputs, recipe, progress)
         if inputs.demonstrations is not None:
             values, cut = perplexities(inputs, spec, progress)
             results["perplexity"] = {label: values[name] for label, name in
@@ -575,6 +618,60 @@ def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int,
                 row["compare"][name] = fields
         rows.append(row)
     return sections, rows, numbers, head_to_head
+
+
+def overoptimisation_curve(inputs: EvalInputs, recipe: Recipe, progress) -> tuple[dict, list[dict]]:
+    """The over-optimisation curve (eval.curve): (the `overoptimisation` section, one row per snapshot and prompt
+    for curve_samples.jsonl).
+
+    The reference (step 0: the policy PPO started from) and each chosen snapshot, loaded one at a time and freed,
+    answer the same prompts with the same seeds (`inference.sample`: common random numbers); the proxy
+    (eval.reward_model) and the gold reward (curve.gold) score those same responses; KL(policy || reference) is
+    the mean over responses of the summed log-ratio at temperature 1 (`sequence_logprobs`, as for the policy)."""
+    import gc
+
+    import torch
+
+    from rlhf_cli.evaluation.metrics import curve_point, gold_peak
+    from rlhf_cli.ppo.trainer import encode_prompts
+
+    spec, seed = recipe.eval, recipe.seed
+    tokenizer, prompts, reference = inputs.tokenizer, inputs.prompts, inputs.reference
+    pad = tokenizer.pad_token_id
+    queries = encode_prompts({"prompt": prompts}, tokenizer, prompt_budget(reference, spec))
+    conversational = _is_conversational(prompts)
+    task = progress.add_task("over-optimisation: snapshots", total=len(inputs.snapshots) + 1)
+    points, rows = [], []
+    for step, path in [(0, None), *inputs.snapshots]:
+        label = f"step {step}" + (" (reference)" if path is None else "")
+        if path is None:
+            model = reference
+        else:
+            model, _ = load_causal_lm(companion_spec(recipe.model, str(path)), seed, f"eval.curve snapshot "
+                                      f"step-{step}", conversational=conversational, tokenizer=tokenizer)  # fmt: skip
+        answers = sample(model, tokenizer, queries, spec, seed, progress, f"{label}: sampling")
+        policy_lp = sequence_logprobs(model, answers.queries, answers.tokens, pad, spec.batch_size, progress,
+                                      f"{label}: log-probs")  # fmt: skip
+        reference_lp = policy_lp if path is None else sequence_logprobs(
+            reference, answers.queries, answers.tokens, pad, spec.batch_size, progress, f"{label}: reference")
+        proxy, gold = (score(scorer, prompts, answers, max_prompt_length=spec.max_prompt_length,
+                             batch_size=spec.batch_size, progress=progress, label=f"{label}: {role}")
+                       for scorer, role in ((inputs.reward, "proxy"), (inputs.gold, "gold")))  # fmt: skip
+        points.append(curve_point(step, proxy, gold, policy_lp, reference_lp))
+        for i in range(len(prompts)):
+            rows.append({"step": step, "prompt": _display_prompt(prompts[i]), "response": answers.texts[i],
+                         "tokens": len(answers.tokens[i]), "proxy": proxy[i], "gold": gold[i],
+                         "log_ratio": policy_lp[i] - reference_lp[i]})  # fmt: skip
+        if path is not None:  # one snapshot in memory at a time
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        progress.advance(task)
+    curve = spec.curve
+    section = {"run": str(curve.run or spec.ppo_run), "every": curve.every, "proxy": spec.reward_model,
+               "gold": inputs.gold.name, "points": points, **gold_peak(points)}  # fmt: skip
+    return section, rows
 
 
 def _sample_fields(prefix: str, label: str, i: int, responses: dict[str, Responses], proxy: dict,
@@ -828,6 +925,9 @@ def write_outputs(run_dir: Path, results: dict, rows: list[dict], inputs: EvalIn
     if inputs.ppo_records is not None:
         plots.training_curves(inputs.ppo_records, run_dir / "training_curves.png")
         plots.overoptimisation(inputs.ppo_records, run_dir / "overoptimisation.png")
+    if "overoptimisation" in results:
+        plots.overoptimisation_curve(results["overoptimisation"]["points"], results["overoptimisation"],
+                                     run_dir / "overoptimisation_curve.png")  # fmt: skip
 
     samples = []
     for row in rows[: spec.num_samples_in_report]:
@@ -838,7 +938,7 @@ def write_outputs(run_dir: Path, results: dict, rows: list[dict], inputs: EvalIn
         samples.append(sample_row)
     write_report(run_dir, results, samples)
     for name, records in ((SAMPLES_FILE, rows), (PAIR_SCORES_FILE, inputs.pair_scores),
-                          (IMPLICIT_REWARDS_FILE, inputs.implicit_rows)):  # fmt: skip
+                          (IMPLICIT_REWARDS_FILE, inputs.implicit_rows), (CURVE_SAMPLES_FILE, inputs.curve_rows)):
         if records:
             with (run_dir / name).open("w", encoding="utf-8") as handle:
                 for row in records:
@@ -893,6 +993,14 @@ def _print_headline(results: dict, run_dir: Path) -> None:
         headline[f"{entry['a']} vs {entry['b']} ({scorer})"] = (f"win rate {entry['win_rate']:.3f} (95% CI "
                                                                 f"{entry['ci_low']:.3f} to {entry['ci_high']:.3f}, "
                                                                 f"n = {entry['n']})")  # fmt: skip
+    curve = results.get("overoptimisation")
+    if curve:
+        peak, last = curve["gold_peak"], curve["points"][-1]
+        headline["over-optimisation (gold)"] = (
+            f"peaks at step {peak['step']} (sqrt(KL) {peak['sqrt_kl']:.2f}, gold {peak['gold_mean']:.3f}), "
+            + (f"falls to {last['gold_mean']:.3f} by step {last['step']}" if curve["gold_peaks_before_end"]
+               else "no fall by the last snapshot")
+            + f"; proxy {curve['points'][0]['proxy_mean']:.3f} -> {last['proxy_mean']:.3f}")  # fmt: skip
     headline["report"] = str(run_dir / "report.md")
     print_summary("Evaluation: done", headline)
 
@@ -931,6 +1039,11 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
         plan["demonstrations"] = _source_name(spec.demonstrations)
     if spec.ppo_run is not None:
         plan["ppo run"] = spec.ppo_run
+    if spec.curve is not None:
+        gold = spec.curve.gold.model or spec.curve.gold.function or ", ".join(getattr(spec.curve.gold, "models", None) or [])
+        every = "every snapshot" if spec.curve.every == 1 else f"every {spec.curve.every}th snapshot (and the last)"
+        plan["over-optimisation curve"] = (f"{every} of {spec.curve.run or spec.ppo_run}, and the reference as "
+                                           f"step 0; proxy {spec.reward_model}, gold {gold}")  # fmt: skip
     plan["writes"] = (f"{run_dir}/{{{RESOLVED_RECIPE}, eval.json, report.md, *.png, {SAMPLES_FILE}, "
-                      f"{PAIR_SCORES_FILE}, {IMPLICIT_REWARDS_FILE}}}")  # fmt: skip
+                      f"{PAIR_SCORES_FILE}, {IMPLICIT_REWARDS_FILE}, {CURVE_SAMPLES_FILE}}}")  # fmt: skip
     show_plan("Evaluation — plan", plan)
