@@ -52,6 +52,15 @@ def wilson(successes: float, total: int, z: float = 1.96) -> tuple[float, float]
     return round(centre - half, 4), round(centre + half, 4)
 
 
+def stderr_progress_bar():
+    """generate.progress_bar's columns, drawn on stderr: stdout carries only the JSON line."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[blue]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True))  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(SMOLLM), help="judge: a local model directory or builtin:tiny-gpt2")
@@ -86,7 +95,6 @@ def main() -> int:
     from rlhf_cli.labelling.records import Item
     from rlhf_cli.recipe import DataSource, ModelSpec
     from rlhf_cli.stages.common import quiet_hf_progress_bars
-    from rlhf_cli.stages.generate import progress_bar
 
     quiet_hf_progress_bars()
     principles = load_constitution(args.constitution)
@@ -108,7 +116,7 @@ def main() -> int:
         f"{len(items)} pairs, both orders, batches of {args.batch_size}")  # fmt: skip
     judge = ModelJudge(model, tokenizer, principles, name=args.model, max_length=args.max_length)
     started = time.perf_counter()
-    with progress_bar() as progress:
+    with stderr_progress_bar() as progress:
         labels, stats = judge_items(items, judge, inconsistent="drop", batch_size=args.batch_size,
                                     annotator=args.model, progress=progress)  # fmt: skip
     judge_s = time.perf_counter() - started

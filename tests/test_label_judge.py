@@ -121,12 +121,12 @@ def test_a_judge_that_always_prefers_the_first_position_is_always_inconsistent()
     assert all("both orders picked the first position" in label.details["reason"] for label in labels)
     report = stats.report()
     assert report["pairs judged (both orders)"] == 4 and report["consistent"] == 0
-    assert report["inconsistent (dropped)"] == 4
+    assert report["inconsistent"] == 4 and report["inconsistent pairs are"] == "dropped"
     assert report["position-bias rate"] == 1.0 and report["first-position preference rate"] == 1.0
     assert report["favoured position"] == "first" and report["mean confidence (consistent)"] is None
     assert pair_rows({item.item_id: item for item in ITEMS}, labels)[0] == []  # nothing to train on
-    tied, _ = judge_items(ITEMS, judge, inconsistent="tie")
-    assert [label.outcome for label in tied] == ["tie"] * 4
+    tied, tied_stats = judge_items(ITEMS, judge, inconsistent="tie")
+    assert [label.outcome for label in tied] == ["tie"] * 4 and tied_stats.report()["inconsistent pairs are"] == "ties"
 
 
 def test_every_pair_is_asked_in_both_orders_in_batches():
@@ -342,3 +342,29 @@ def test_critique_and_revise_needs_a_chat_template(tiny):
     with pytest.raises(UserError, match="no chat template, and the critique-and-revise mode"):
         critique_and_revise(model, bare, ["hi"], ["yo"], PRINCIPLES, SamplingSpec(max_new_tokens=2), seed=0,
                             name="model (base)")  # fmt: skip
+
+
+# ---------------------------------------------------------------- the real judge (deselected unless -m real)
+
+
+@pytest.mark.real
+def test_smollm2_answers_the_judge_with_a_letter(shared_dir):
+    """SmolLM2-135M-Instruct (GGUF, ../shared) as judge on 4 human-labelled HH pairs: its template and A/B tokens
+    work and it puts real probability on the letters. Its agreement with people: benchmarks/judge_agreement.py."""
+    from rlhf_cli.data import load_data
+    from rlhf_cli.recipe import DataSource, ModelSpec
+
+    directory, gguf = shared_dir / "models" / "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (directory / gguf).is_file():
+        pytest.skip(f"{directory / gguf} is absent")
+    pytest.importorskip("gguf")
+    model, tokenizer = load_judge_model(ModelSpec(name_or_path=str(directory), gguf_file=gguf), seed=0)
+    pairs = load_data(DataSource(path=str(shared_dir / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"), limit=4),
+                      "preference")  # fmt: skip
+    items = [Item(str(n), row["prompt"], (row["chosen"][0]["content"], row["rejected"][0]["content"]), "hh")
+             for n, row in enumerate(pairs)]  # fmt: skip
+    judge = ModelJudge(model, tokenizer, load_constitution(), name="smollm2")
+    labels, stats = judge_items(items, judge, batch_size=8)
+    assert stats.pairs == 4 and len(labels) == 4
+    assert all(0.0 < p < 1.0 for label in labels for p in label.details["p_first"])
+    assert stats.report()["mean answer-token mass p(A)+p(B)"] > 0.1  # it answers with a letter, not with prose

@@ -177,7 +177,8 @@ class JudgeStats:
         return {
             "pairs judged (both orders)": self.pairs,
             "consistent": self.consistent,
-            f"inconsistent ({'dropped' if self.inconsistent_as == 'drop' else 'kept as ties'})": inconsistent,
+            "inconsistent": inconsistent,
+            "inconsistent pairs are": "dropped" if self.inconsistent_as == "drop" else "ties",
             "position-bias rate": self.position_bias_rate,
             "favoured position": self.favoured_position,
             "first-position preference rate": self.first_position_rate,
