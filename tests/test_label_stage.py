@@ -91,7 +91,7 @@ def test_judge_reports_position_bias_and_revise_writes_sft_rows(tiny, tmp_path):
          "--set", f"label.labeller.model={tiny['sft']}", "--set", "label.num_prompts=6")
     judge = json.loads((out / "label_report.json").read_text())["judge"]
     assert judge["pairs judged (both orders)"] == 6
-    assert judge["consistent"] + judge["inconsistent (dropped)"] == 6
+    assert judge["consistent"] + judge["inconsistent"] == 6
     assert 0 <= judge["position-bias rate"] <= 1
     out = tmp_path / "revise"
     rlhf("label", str(TINY / "label-revise.yaml"), "-o", str(out), "--set", f"model.name_or_path={tiny['sft']}",
@@ -127,7 +127,7 @@ def test_a_scripted_human_killed_half_way_resumes_with_nothing_lost_or_repeated(
     items = [row["item_id"] for row in events]
     assert len(items) == 8 and len(set(items)) == 8  # every item once: nothing lost, nothing asked twice
     first = [row["answer"] for row in events][:3]
-    assert first[2] == "tie" and set(first[:2]) <= {"a", "b"}  # (which candidate was shown first is shuffled)
+    assert first == ["a", "b", "tie"]  # as typed (A, B, tie); which candidate was shown as A is shuffled
     rows = read_jsonl(out / "preferences.jsonl")
     assert len(rows) == 7  # 8 answers, one tie
     assert all(row["annotator"] == "ana" and row["labeller"] == "human" for row in rows)
@@ -144,10 +144,13 @@ def test_two_annotators_share_the_overlap_and_report_agreement(tiny, tmp_path):
     agreement = json.loads((out / "label_report.json").read_text())["agreement"]
     # each annotator sees the candidates in their own shuffled order, so "1" is not the same candidate for both:
     # compute the expected agreement from what was recorded
+    from rlhf_cli.labelling.records import PairLabel, oriented
+
     verdicts: dict[str, dict[str, str]] = {}
     for event in read_jsonl(out / "answers.jsonl"):
-        if "answer" in event:
-            verdicts.setdefault(event["item_id"], {})[event["annotator"]] = event["answer"]
+        if "answer" in event:  # the answer as shown; its label in the candidates' own numbering
+            (label,) = [PairLabel(**row) for row in event["labels"]]
+            verdicts.setdefault(event["item_id"], {})[event["annotator"]] = oriented(label)
     assert len(verdicts) == 4 and all(len(by) == 2 for by in verdicts.values())
     same = sum(by["ana"] == by["bo"] for by in verdicts.values())
     assert agreement["raw_agreement"]["value"] == pytest.approx(same / 4)
