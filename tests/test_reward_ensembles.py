@@ -164,6 +164,10 @@ def test_train_rm_ensemble_writes_members_and_record(ensemble):
     assert summary["held-out accuracy (min member)"] == min(accuracies)
     assert summary["held-out accuracy (mean of members)"] == pytest.approx(sum(accuracies) / 2)
 
+    own = record["held-out accuracy (ensemble, mean combine)"]
+    assert summary["held-out accuracy (ensemble, mean combine)"] == own
+    assert 0 <= own <= 1 and own * 13 == pytest.approx(round(own * 13))  # right pairs of the 13 held out
+
     # each member loads as an ordinary reward model
     from transformers import AutoModelForSequenceClassification
 
@@ -222,3 +226,21 @@ def test_ppo_against_an_ensemble_logs_members_and_spread(ensemble, tmp_path):
         # score = mean over rollouts of (mean_k r_k - 0.5 * std_k r_k): linear, so from the logged means
         by_hand = (step["score/member_0"] + step["score/member_1"]) / 2 - 0.5 * step["score/ensemble_std"]
         assert step["score"] == pytest.approx(by_hand, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_scores_pairs_with_an_ensemble_directory_by_the_mean(ensemble, tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    margins = {}
+    for name, model in (("ensemble", ensemble), ("m0", ensemble / "member-0"), ("m1", ensemble / "member-1")):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({"stage": "eval", "eval": {
+            "reward_model": str(model), "preferences": {"path": str(TINY / "data" / "preference.jsonl"), "limit": 8}}}))
+        result = CliRunner().invoke(app, ["eval", str(recipe), "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        margins[name] = json.loads((tmp_path / name / "eval.json").read_text())["reward_model"]["mean_margin"]
+    # the mean combine is linear: the ensemble's mean margin is the mean of its members' margins
+    assert margins["ensemble"] == pytest.approx((margins["m0"] + margins["m1"]) / 2, abs=1e-5)

@@ -133,7 +133,32 @@ def run_ensemble(stage, recipe, run_dir, plan, *, overwrite: bool, resume: bool)
             summary.update({"held-out accuracy (mean of members)": sum(accuracies) / len(accuracies),
                             "held-out accuracy (min member)": min(accuracies),
                             "held-out accuracy (max member)": max(accuracies)})  # fmt: skip
+        if data.eval is not None and len(data.eval):
+            own = ensemble_accuracy(run_dir, data.eval)
+            summary["held-out accuracy (ensemble, mean combine)"] = own
+            record["held-out accuracy (ensemble, mean combine)"] = own
+            (run_dir / ENSEMBLE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         summary["output"] = str(run_dir)
         write_summary(run_dir, summary)
         print_summary("Reward-model ensemble: done", summary)
         return run.finish(0)
+
+
+def ensemble_accuracy(run_dir, pairs, batch_size: int = 16) -> float:
+    """The share of held-out pairs whose chosen response the ensemble (mean of its members' scores) scores above
+    the rejected one: each pair read as the members were trained (rendering.json), ties counted as wrong."""
+    from trl.data_utils import is_conversational
+
+    from rlhf_cli.inference import chunks, load_scorer
+    from rlhf_cli.recipe import RewardSpec
+
+    scorer = load_scorer(RewardSpec(model=str(run_dir)), "ensemble", None, None,
+                         conversational=is_conversational(pairs[0]))  # fmt: skip
+    reader, right = scorer.reader, 0
+    for rows in chunks(len(pairs), batch_size):
+        sequences = []
+        for i in rows:
+            sequences += reader.cut(reader.encode_pair(pairs[i]))  # chosen, rejected
+        values = reader.score_sequences(None, sequences, None, batch_size=len(sequences))
+        right += sum(chosen > rejected for chosen, rejected in zip(values[0::2], values[1::2]))
+    return right / len(pairs)
