@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY, assert_clean_failure
-from rlhf_cli.rewards import combine_scores, ensemble_spread
+from rlhf_cli.rewards import ENSEMBLE_FILE, combine_scores, ensemble_spread
 
 RLHF = [sys.executable, "-m", "rlhf_cli.cli"]
 
@@ -175,13 +175,21 @@ def test_train_rm_ensemble_writes_members_and_record(ensemble):
 
 
 @pytest.mark.slow
-def test_resume_keeps_finished_members(ensemble, tmp_path):
+def test_resume_keeps_finished_members_and_continues_the_unfinished_one(ensemble, tmp_path):
+    kept = (ensemble / "member-0" / "model.safetensors").stat().st_mtime_ns
+    # member 1 as if interrupted after its last checkpoint: no final files, no ensemble.json yet
+    (ensemble / "member-1" / "rendering.json").unlink()
+    (ensemble / ENSEMBLE_FILE).unlink()
+    assert (ensemble / "member-1" / "checkpoint-3").is_dir()
     result = subprocess.run([*RLHF, "train-rm", str(TINY / "rm.yaml"), "-o", str(ensemble), "--resume",
                              "--set", "ensemble.members=2", "--set", "ensemble.bootstrap=true",
                              "--set", "training.max_steps=3", "--set", "training.num_train_epochs=1"],
                             capture_output=True, text=True, cwd=REPO)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("finished earlier, kept") == 2
+    assert result.stdout.count("finished earlier, kept") == 1 and "Ensemble member-1 (2 of 2)" in result.stdout
+    assert (ensemble / "member-0" / "model.safetensors").stat().st_mtime_ns == kept  # not trained again
+    assert (ensemble / "member-1" / "rendering.json").is_file()
+    assert json.loads((ensemble / ENSEMBLE_FILE).read_text())["members"] == ["member-0", "member-1"]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ pairs it has not seen.
 """
 
 from rlhf_cli.errors import UserError
+from rlhf_cli.rewards import ENSEMBLE_FILE
 from rlhf_cli.stages.common import Default, Stage
 
 REWARD = Stage(
@@ -37,7 +38,6 @@ REWARD = Stage(
 
 # ---------------------------------------------------------------- ensembles (recipe `ensemble:`)
 
-ENSEMBLE_FILE = "ensemble.json"
 _MEMBER_DONE = "rendering.json"  # written last, after the member's weights: the member is complete
 
 
@@ -101,7 +101,7 @@ def run_ensemble(stage, recipe, run_dir, plan, *, overwrite: bool, resume: bool)
                 member_data = dataclasses.replace(data, train=data.train.select(indices))
                 member.update({"train rows (resampled)": rows, "distinct rows": len(set(indices))})
             if resume and (path / _MEMBER_DONE).is_file():
-                print(f"Ensemble member {k}: finished earlier, kept ({path}).")
+                print(f"Ensemble member-{k}: finished earlier, kept ({path}).")
             else:
                 continuing = resume and last_checkpoint(path) is not None
                 if path.exists() and not continuing:
@@ -109,7 +109,7 @@ def run_ensemble(stage, recipe, run_dir, plan, *, overwrite: bool, resume: bool)
                 path.mkdir(parents=True, exist_ok=True)
                 member_recipe = recipe.model_copy(update={"seed": seed, "ensemble": None, "output_dir": str(path)})
                 (path / RESOLVED_RECIPE).write_text(recipe_to_yaml(member_recipe), encoding="utf-8")
-                print(f"Ensemble member {k} of {spec.members}: seed {seed}"
+                print(f"Ensemble member-{k} ({k + 1} of {spec.members}): seed {seed}"
                       f"{', bootstrap resample of ' + str(rows) + ' rows' if spec.bootstrap else ''} -> {path}")
                 config_kwargs = trainer_config_kwargs(stage, member_recipe, path, plan, member_data)
                 code = train(stage, member_recipe, path, config_kwargs, member_data, resume=continuing, run=None)
