@@ -95,6 +95,11 @@ def _recipe(tmp_path: Path, name: str, base: str, changes: dict) -> Path:
      ["std_coef"]),
     ("ppo.yaml", {"ppo.reward": {"models": ["a", "b"], "combine": "mean", "std_coef": 2}},
      ["std_coef weighs the spread of combine: mean_minus_std"]),
+    ("ppo.yaml", {"model.name_or_path": "builtin:tiny-gpt2", "training": {}, "ppo.algorithm": "grpo",
+                  "ppo.reward": {"models": ["a", "b"]}}, ["grpo (TRL's trainer) takes one reward model"]),
+    ("ppo.yaml", {"model.name_or_path": "builtin:tiny-gpt2", "ppo.judge": {"models": ["a", "b"]},
+                  "ppo.reward": {"function": "rlhf_cli.rewards:gsm8k_exact_match"}},
+     ["the judge is one reward model"]),
 ])  # fmt: skip
 def test_bad_ensemble_recipes_exit_2(tmp_path, base, changes, fragments):
     stage = {"sft.yaml": "sft", "rm.yaml": "train-rm", "ppo.yaml": "ppo"}[base]
