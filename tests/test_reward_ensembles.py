@@ -257,3 +257,22 @@ def test_eval_scores_pairs_with_an_ensemble_directory_by_the_mean(ensemble, tmp_
         margins[name] = json.loads((tmp_path / name / "eval.json").read_text())["reward_model"]["mean_margin"]
     # the mean combine is linear: the ensemble's mean margin is the mean of its members' margins
     assert margins["ensemble"] == pytest.approx((margins["m0"] + margins["m1"]) / 2, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_with_an_ensemble_under_zero3_in_two_cpu_processes(ensemble, tmp_path):
+    out = tmp_path / "zero3"
+    result = subprocess.run([*RLHF, "ppo", str(TINY / "ppo.yaml"), "-o", str(out),
+                             "--set", "model.name_or_path=builtin:tiny-gpt2", "--set", f"ppo.reward.model={ensemble}",
+                             "--set", "ppo.reward.combine=min", "--set", "distributed.strategy=zero3",
+                             "--set", "distributed.num_processes=2", "--set", "training.steps=2",
+                             "--set", "training.rollout_batch_size=8", "--set", "training.mini_batch_size=4",
+                             "--set", "training.response_length=6", "--set", "training.save_steps=100"],
+                            capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [step for step in steps if "score/member_0" in step]
+    assert len(steps) == 2
+    for step in steps:  # the mean of per-response minima is at most each member's mean
+        assert step["score"] <= min(step["score/member_0"], step["score/member_1"]) + 1e-6
+        assert step["score/ensemble_std"] > 0
