@@ -321,23 +321,27 @@ def pipeline(
     output_dir: OutputOpt = None,
     from_stage: Annotated[
         Optional[str], typer.Option("--from", help="Re-run this stage and every later stage that reads its output "
-                                    "(a stage of the recipe's route: sft, rm, ppo, dpo, kto, eval).")
+                                    "(a stage of the recipe's route: sft, rm, ppo, dpo, kto, eval; with rounds: "
+                                    "round-K.label, round-K.rm, ..., or round-K for the round's first stage).")
     ] = None,
     only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage, on the outputs already there.")] = None,
+    annotator: Annotated[Optional[str], typer.Option("--annotator", help="Your name, for a pipeline whose rounds have "
+                                                     "a human labeller (it pauses at each label stage).")] = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """SFT, then PPO against a reward model, DPO or KTO, then eval, from one recipe, each stage's output wired into
     the next.
 
     The stage sections present choose the route: sft -> rm -> ppo -> eval, sft -> dpo -> eval, sft -> kto -> eval,
-    or sft -> rm -> ppo + dpo -> eval (one eval comparing both policies). Every stage recipe and every hand-off (tokenizers, chat template, pad token, LoRA vs merged weights, lengths) is
+    or sft -> rm -> ppo + dpo -> eval (one eval comparing both policies). With `rounds: N` and a stages.label
+    section, each round labels its policy's samples, adds the pairs to the data and trains again. Every stage recipe and every hand-off (tokenizers, chat template, pad token, LoRA vs merged weights, lengths) is
     checked before anything trains. Finished stages whose recipe and inputs are unchanged are skipped; an
     interrupted stage resumes from its checkpoint. See docs/pipeline.md.
     """
     from rlhf_cli.pipeline import run_pipeline
 
     code = run_pipeline(recipe, overrides=overrides or [], output_dir=output_dir, from_stage=from_stage, only=only,
-                        dry_run=dry_run)  # fmt: skip
+                        dry_run=dry_run, annotator=annotator)  # fmt: skip
     if code:
         raise typer.Exit(code)
 
@@ -427,7 +431,7 @@ def recipe_validate(recipe: RecipeArg, stage: RecipeStageOpt = None, overrides: 
                      for key, source in reads_from(one, out).items()]  # fmt: skip
             if one.recipe.model is not None and not any(item.startswith("model from") for item in reads):
                 reads.insert(0, f"model {one.recipe.model.name_or_path}")
-            typer.echo(f"{recipe}: stage {one.name} OK ({COMMANDS[one.name]}; {', '.join(reads)}) -> {one.run_dir}")
+            typer.echo(f"{recipe}: stage {one.name} OK ({COMMANDS[one.kind]}; {', '.join(reads)}) -> {one.run_dir}")
         return
     loaded = _load_for_inspection(recipe, stage, overrides)
     model = f"model {loaded.model.name_or_path}" if loaded.model else "no policy model"
@@ -469,7 +473,7 @@ def recipe_show(
     if pipeline is not None:
         from rlhf_cli.recipe import COMMANDS
 
-        documents = [f"# stage {one.name} ({COMMANDS[one.name]}) -> {one.run_dir}\n{recipe_to_yaml(one.recipe)}"
+        documents = [f"# stage {one.name} ({COMMANDS[one.kind]}) -> {one.run_dir}\n{recipe_to_yaml(one.recipe)}"
                      for one in pipeline[1]]  # fmt: skip
         typer.echo("---\n".join(documents), nl=False)
         return

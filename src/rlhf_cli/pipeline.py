@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.recipe import COMMANDS, Recipe, apply_overrides, read_recipe_file, recipe_to_yaml, validate_recipe
+from rlhf_cli.recipe import (COMMANDS, DataSource, Recipe, apply_overrides, read_recipe_file, recipe_to_yaml,
+                             validate_recipe)  # fmt: skip
 
 STAGE_ORDER = ("sft", "rm", "ppo", "dpo", "kto", "eval")  # the order stages run in, whichever route
 POLICY_STAGES = ("ppo", "dpo", "kto")  # the stages that turn the SFT policy into the aligned one
@@ -55,13 +56,21 @@ ROUTES_TEXT = ("The routes: " + "; ".join(ROUTES.values()) + ". An rm stage may 
 
 @dataclass
 class PipelineStage:
-    name: str
+    name: str  # sft, rm, ...; in a pipeline with rounds, round-K.rm etc. for the stages of round K
     recipe: Recipe
     run_dir: Path
     hash: str = ""
     status: str = ""  # what this invocation did: ran, resumed, skipped
     seconds: float = 0.0
     summary: dict = field(default_factory=dict)
+    kind: str = ""  # the stage it runs (sft, label, rm, ppo, dpo, kto, eval); the name when empty
+    round: int = 0  # its round (0: not in a round)
+    after: list[str] = field(default_factory=list)  # stages it reads besides its models (accumulated data)
+    base_data: list = field(default_factory=list)  # label stage of a round: the seed preference data (DataSources)
+    made_data: str = ""  # a data file the pipeline writes (not hashed: its maker's hash stands for it)
+
+    def __post_init__(self):
+        self.kind = self.kind or self.name
 
 
 # ---------------------------------------------------------------- the route
@@ -91,7 +100,12 @@ def detect_route(present, *, rule_reward: bool = False, source: str = "Pipeline 
 
 
 def route_line(stages: list[PipelineStage]) -> str:
-    """The stages as they hand over, e.g. 'sft -> rm -> ppo + dpo -> eval'."""
+    """The stages as they hand over, e.g. 'sft -> rm -> ppo + dpo -> eval', or with rounds
+    'sft -> 2 rounds of (label -> rm -> ppo -> eval)'."""
+    rounds = max((stage.round for stage in stages), default=0)
+    if rounds:
+        kinds = [stage.kind for stage in stages if stage.round == 1]
+        return f"sft -> {rounds} round{'s' if rounds > 1 else ''} of ({' -> '.join(kinds)})"
     names = [stage.name for stage in stages]
     steps = [name for name in ("sft", "rm") if name in names]
     policies = [name for name in POLICY_STAGES if name in names]
@@ -119,16 +133,25 @@ def placeholder(stage: str) -> str:
     return f"rlhf-pipeline-output-of-{stage}"
 
 
+def stage_dir(out: Path, name: str) -> Path:
+    """Where a stage writes: OUT/sft, OUT/rm, ...; round K's stages (round-K.rm) under OUT/round-K/rm."""
+    round_name, _, kind = name.rpartition(".")
+    return out / round_name / kind if round_name else out / name
+
+
 def link_outputs(recipe: Recipe, out: Path) -> None:
+    prefix = placeholder("")
+
     def real(value):
-        for stage in STAGE_ORDER:
-            if value == placeholder(stage):
-                return str(out / stage)
+        if isinstance(value, str) and value.startswith(prefix):
+            return str(stage_dir(out, value[len(prefix):]))
         return value
 
     recipe.model.name_or_path = real(recipe.model.name_or_path)
     if recipe.ppo is not None:
         recipe.ppo.reward.model = real(recipe.ppo.reward.model)
+        recipe.ppo.ref_model = real(recipe.ppo.ref_model)
+        recipe.ppo.value_model = real(recipe.ppo.value_model)
     for section in (recipe.dpo, recipe.kto):
         if section is not None:
             section.ref_model = real(section.ref_model)
@@ -181,30 +204,35 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_d
         single = f" It is a recipe for `{COMMANDS[raw['stage']]}`." if raw.get("stage") in COMMANDS else ""
         raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with a section per stage of its route."
                         f"{single} {ROUTES_TEXT}")  # fmt: skip
-    unknown = sorted(set(raw) - {*SHARED_KEYS, "stages", "output_dir"})
+    unknown = sorted(set(raw) - {*SHARED_KEYS, "stages", "output_dir", "rounds"})
     if unknown:
         raise UserError(
             f"Pipeline recipe {path}: unknown top-level key(s) {', '.join(unknown)}; allowed: "
-            f"{', '.join([*SHARED_KEYS, 'stages', 'output_dir'])} (stage settings go under stages.<stage>)."
+            f"{', '.join([*SHARED_KEYS, 'stages', 'output_dir', 'rounds'])} (stage settings go under stages.<stage>)."
         )
     sections = raw.get("stages")
     if not isinstance(sections, dict) or not sections:
         raise UserError(f"Pipeline recipe {path} needs a `stages:` mapping with a section per stage of its route. "
                         f"{ROUTES_TEXT}")  # fmt: skip
-    bad = sorted(set(sections) - set(STAGE_ORDER))
+    rounds = round_settings(raw.get("rounds"), sections, path)
+    bad = sorted(set(sections) - set(STAGE_ORDER) - ({"label"} if rounds else set()))
     if bad:
         raise UserError(f"Pipeline recipe {path}: unknown stage(s) {', '.join(bad)}; stages are {', '.join(STAGE_ORDER)}.")
     for name in sections:
         if sections[name] is not None and not isinstance(sections[name], dict):
             raise UserError(f"Pipeline recipe {path}: stages.{name} must be a mapping of recipe keys.")
     reward = ((sections.get("ppo") or {}).get("ppo") or {}).get("reward")
-    detect_route(sections, rule_reward=isinstance(reward, dict) and "function" in reward,
-                 source=f"Pipeline recipe {path}")  # fmt: skip
+    route = detect_route(set(sections) - {"label"}, rule_reward=isinstance(reward, dict) and "function" in reward,
+                         source=f"Pipeline recipe {path}")  # fmt: skip
     chosen = output_dir or raw.get("output_dir")
     if not chosen:
         raise UserError("No output directory: set `output_dir` in the pipeline recipe or pass --output-dir.")
     out = Path(chosen).expanduser().resolve()
     base_dir = path.resolve().parent
+    if rounds:
+        stages = round_stages(raw, sections, route, rounds, out, path, base_dir)
+        check_lora_handoffs(stages, out)
+        return out, stages
     stages = []
     for name in STAGE_ORDER:
         if name not in sections:
@@ -226,6 +254,217 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, output_d
     return out, stages
 
 
+# ---------------------------------------------------------------- rounds
+
+ROUND_KINDS = ("label", "rm", "ppo", "dpo", "eval")  # the stages of one round, in run order
+ROUND_DEFAULTS = {"reference": "sft", "reward_model": "retrain"}
+ROUND_CHOICES = {"reference": ("sft", "previous"), "reward_model": ("retrain", "continue")}
+DATA_DIR = "data"  # OUT/round-K/data/preferences.jsonl: the preference rows of rounds 0..K, written by round-K.label
+
+
+def round_settings(value, sections: dict, path) -> dict | None:
+    """`rounds:` as {count, reference, reward_model}: an integer N (the defaults) or that mapping; None without
+    rounds. Refuses rounds without a stages.label section and a label section without rounds."""
+    if value is None:
+        if "label" in sections:
+            raise UserError(f"Pipeline recipe {path}: stages.label labels each round's samples; it needs `rounds: N` "
+                            "(N >= 1) at the top level. See docs/pipeline.md, Rounds.")  # fmt: skip
+        return None
+    settings = dict(ROUND_DEFAULTS)
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"count", *ROUND_DEFAULTS})
+        if unknown:
+            raise UserError(f"Pipeline recipe {path}: unknown key(s) rounds.{', rounds.'.join(unknown)}; allowed: "
+                            f"count, {', '.join(ROUND_DEFAULTS)}.")  # fmt: skip
+        settings.update({key: value[key] for key in ROUND_DEFAULTS if key in value})
+        value = value.get("count")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"Pipeline recipe {path}: rounds must be a whole number >= 1 (or a mapping with count:), "
+                        f"not {value!r}.")  # fmt: skip
+    for key, choices in ROUND_CHOICES.items():
+        if settings[key] not in choices:
+            raise UserError(f"Pipeline recipe {path}: rounds.{key} is {settings[key]!r}; choose "
+                            f"{' or '.join(choices)}.")  # fmt: skip
+    if "label" not in sections:
+        raise UserError(f"Pipeline recipe {path}: rounds: {value} needs a labeller: add a stages.label section (an "
+                        "`rlhf label` recipe minus model and output_dir, which each round wires) with label.prompts "
+                        "and label.labeller (human, judge, reward_model or rule).")  # fmt: skip
+    return {"count": value, **settings}
+
+
+def round_name(k: int, kind: str) -> str:
+    return f"round-{k}.{kind}"
+
+
+def data_file(out: Path, k: int) -> Path:
+    from rlhf_cli.stages.label import PREFERENCES_FILE
+
+    return out / f"round-{k}" / DATA_DIR / PREFERENCES_FILE
+
+
+def round_stages(raw: dict, sections: dict, route: str, rounds: dict, out: Path, path, base_dir: Path):
+    """sft, then per round K: label (the previous round's policy, SFT for round 1, answers label.prompts; the pairs
+    join the accumulated data), rm (retrained on it from SFT, or continued from the previous round's RM), the policy
+    stage (from the previous round's policy, KL/DPO reference SFT or the previous policy), eval."""
+    if route not in ("ppo", "dpo") or (route == "ppo" and "rm" not in sections):
+        why = "PPO with a rule reward and no rm stage" if route == "ppo" else f"the {route} route"
+        raise UserError(f"Pipeline recipe {path}: rounds add labelled pairs to the preference data, so a round needs a "
+                        f"stage that learns from pairs: sft -> rm -> ppo (-> eval) or sft -> (rm ->) dpo (-> eval), "
+                        f"not {why}.")  # fmt: skip
+    for name, section in sections.items():
+        for key in ("stage", "output_dir"):
+            if key in (section or {}):
+                raise UserError(f"Pipeline recipe {path}: stages.{name}.{key} is set by the pipeline; remove it.")
+    shared = {key: raw[key] for key in ("distributed", "seed", "report_to") if key in raw}
+
+    def build(name: str, kind: str, base: dict) -> Recipe:
+        section = sections.get(kind) or {}
+        stage_raw = _deep_merge({**copy.deepcopy(shared), **base}, section)
+        stage_raw.update({"stage": kind, "output_dir": str(stage_dir(out, name))})
+        if "model" in section and section["model"] is None:
+            stage_raw["model"] = base["model"]
+        try:
+            recipe = validate_recipe(stage_raw, kind, source=f"{path} (stages.{kind}, {name})", base_dir=base_dir)
+        except UserError as exc:
+            raise UserError(f"Stage {name}: {exc}") from None
+        link_outputs(recipe, out)
+        return recipe
+
+    stages = [PipelineStage("sft", build("sft", "sft", {"model": copy.deepcopy(raw.get("model", {}))}), out / "sft")]
+    seeds: list = []  # the seed preference data: the rm and dpo sections' data.train
+    for k in range(1, rounds["count"] + 1):
+        previous = "sft" if k == 1 else round_name(k - 1, route)
+        reference = placeholder("sft" if rounds["reference"] == "sft" else previous)
+        data = data_file(out, k)
+
+        def add(kind: str, recipe: Recipe, **extra) -> None:
+            stages.append(PipelineStage(round_name(k, kind), recipe, stage_dir(out, round_name(k, kind)), kind=kind,
+                                        round=k, **extra))  # fmt: skip
+
+        label = build(round_name(k, "label"), "label", {"model": {"name_or_path": placeholder(previous)}})
+        check_round_label(label, path)
+        label.seed += k - 1  # each round draws its own prompts from the pool
+        add("label", label, after=[round_name(k - 1, "label")] if k > 1 else [], made_data=str(data))
+        for kind in ("rm", "dpo"):
+            if kind not in sections:
+                continue
+            start = "sft" if kind == "rm" and (k == 1 or rounds["reward_model"] == "retrain") else \
+                round_name(k - 1, "rm") if kind == "rm" else previous  # fmt: skip
+            base: dict = {"model": {"name_or_path": placeholder(start)}}
+            if kind == "dpo" and ((sections["dpo"] or {}).get("dpo") or {}).get("algorithm", "dpo") == "dpo":
+                base["dpo"] = {"ref_model": reference}
+            recipe = build(round_name(k, kind), kind, base)
+            if k == 1 and recipe.data.train not in seeds:
+                seeds.append(recipe.data.train)
+            recipe.data.train = DataSource(path=str(data))  # checked above as given; trains on the accumulated rows
+            add(kind, recipe, after=[round_name(k, "label")], made_data=str(data))
+            if kind == "rm" and route == "ppo":
+                base = {"model": {"name_or_path": placeholder(previous)}, "ppo": {"ref_model": reference}}
+                if "function" not in (((sections["ppo"] or {}).get("ppo") or {}).get("reward") or {}):
+                    base["ppo"]["reward"] = {"model": placeholder(round_name(k, "rm"))}
+                add("ppo", build(round_name(k, "ppo"), "ppo", base))
+        if "eval" in sections:
+            base = {"model": {"name_or_path": placeholder(round_name(k, route))},
+                    "eval": {"reference": placeholder("sft")}}  # fmt: skip
+            if "rm" in sections:
+                base["eval"]["reward_model"] = placeholder(round_name(k, "rm"))
+            recipe = build(round_name(k, "eval"), "eval", base)
+            if route == "ppo" and recipe.eval.ppo_run is None:
+                recipe.eval.ppo_run = str(stage_dir(out, round_name(k, "ppo")))
+            add("eval", recipe)
+    for stage in stages:
+        if stage.kind == "label" and stage.round == 1:
+            stage.base_data = seeds
+    return stages
+
+
+def check_round_label(recipe: Recipe, path) -> None:
+    spec = recipe.label
+    problem = ""
+    if spec.mode != "label":
+        problem = "label.mode revise writes SFT rows, not preference pairs; a round needs label.mode: label"
+    elif spec.candidates is not None or spec.prompts is None:
+        problem = ("a round samples its candidates from the round's policy: give label.prompts (the prompt pool), "
+                   "not label.candidates")  # fmt: skip
+    elif spec.format == "kto":
+        problem = "label.format kto writes unpaired rows; the rounds accumulate preference pairs (format: pairs)"
+    if problem:
+        raise UserError(f"Pipeline recipe {path}: stages.label: {problem}.")
+
+
+def tag_rounds(rows: list[dict], new: list[dict], k: int) -> list[dict]:
+    """The accumulated preference rows: `rows` (already tagged) then the new pairs as prompt/chosen/rejected tagged
+    round K. Refuses pairs whose shape (conversation or text) differs from the rows before them."""
+    tagged = [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "round": k}
+              for row in new]  # fmt: skip
+    if rows and tagged and isinstance(rows[0]["prompt"], list) != isinstance(tagged[0]["prompt"], list):
+        shapes = ("conversations" if isinstance(rows[0]["prompt"], list) else "text", "conversations"
+                  if isinstance(tagged[0]["prompt"], list) else "text")  # fmt: skip
+        raise UserError(f"Round {k}: the preference data holds {shapes[0]} but the labelled pairs are {shapes[1]}; "
+                        "give label.prompts in the same shape as the rm/dpo stage's data.train.")  # fmt: skip
+    return rows + tagged
+
+
+def round_counts(rows: list[dict]) -> dict[str, int]:
+    from collections import Counter
+
+    counts = Counter(row.get("round") for row in rows)
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
+def accumulate_preferences(stage: PipelineStage, out: Path) -> dict:
+    """Write OUT/round-K/data/preferences.jsonl after round K's labelling: round 1 starts from the seed data (the
+    rm/dpo sections' data.train, tagged round 0), round K from round K-1's file; the new pairs are tagged K."""
+    from rlhf_cli.stages.label import PREFERENCES_FILE, _read_jsonl
+
+    if stage.round == 1:
+        from rlhf_cli.data import load_data
+
+        rows = []
+        for source in stage.base_data:
+            dataset = load_data(source, "preference", what="the seed preference data (data.train)")
+            rows += [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"], "round": 0}
+                     for row in dataset]  # fmt: skip
+    else:
+        rows = _read_jsonl(data_file(out, stage.round - 1))
+    rows = tag_rounds(rows, _read_jsonl(stage.run_dir / PREFERENCES_FILE), stage.round)
+    target = Path(stage.made_data)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    partial.replace(target)
+    summary = {"rows": len(rows), "rows per round": round_counts(rows)}
+    (target.parent / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def labels_open(stage: PipelineStage) -> int:
+    """A human label stage's questions still unanswered (0 for the machine labellers)."""
+    path = stage.run_dir / "label_report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {}
+    return int((report.get("human") or {}).get("questions open") or 0)
+
+
+def check_human_labellers(stages: list[PipelineStage], annotator: str | None, stdin) -> None:
+    """A human labeller pauses the pipeline at its label stage: it needs a person at a terminal and a name."""
+    human = [stage.name for stage in stages if stage.kind == "label" and stage.recipe.label.labeller.type == "human"]
+    if not human:
+        return
+    if not stdin.isatty():
+        raise UserError(f"Stage {human[0]}: the labeller is human, but stdin is not a terminal, so nobody can answer "
+                        "inside this pipeline. Run `rlhf pipeline` at a terminal (it pauses at each label stage and "
+                        "the same command continues), or use a judge, reward_model or rule labeller.")  # fmt: skip
+    if not annotator:
+        raise UserError(f"Stage {human[0]}: a human labelling session records who answers: pass --annotator NAME.")
+
+
+def resolve_stage_name(value: str, names: list[str]) -> str | None:
+    """A --from/--only value as a stage name: the name itself, or round-K for round K's first stage."""
+    if value in names:
+        return value
+    return next((name for name in names if name.startswith(value + ".")), None) if value.startswith("round-") else None
+
+
 # ---------------------------------------------------------------- hand-off checks
 
 
@@ -234,10 +473,10 @@ def check_lora_handoffs(stages: list[PipelineStage], out: Path) -> None:
     for stage in stages:
         lora = stage.recipe.model.lora
         feeds = [other.name for other in stages if stage.name in upstream(other, out)]
-        if lora is not None and not lora.merge and feeds and stage.name != "eval":
+        if lora is not None and not lora.merge and feeds and stage.kind != "eval":
             raise UserError(
                 f"Stage {stage.name}: model.lora.merge is false, so {stage.run_dir} will hold only a LoRA adapter, "
-                f"but {', '.join(feeds)} load(s) it as a full model. Set stages.{stage.name}.model.lora.merge: true."
+                f"but {', '.join(feeds)} load(s) it as a full model. Set stages.{stage.kind}.model.lora.merge: true."
             )
 
 
@@ -273,7 +512,7 @@ def check_tokenizer_handoffs(stages: list[PipelineStage]) -> None:
 def check_ppo_settings(stages: list[PipelineStage]) -> None:
     """PPOConfig's own checks (which run only when PPO starts) now, and prompts plus responses within the
     policy's positions."""
-    ppo = next((stage for stage in stages if stage.name == "ppo"), None)
+    ppo = next((stage for stage in stages if stage.kind == "ppo"), None)
     if ppo is None or ppo.recipe.ppo.algorithm != "ppo":
         return
     from rlhf_cli.ppo.config import PPOConfig
@@ -332,14 +571,29 @@ def model_links(recipe: Recipe) -> dict[str, str | None]:
 def reads_from(stage: PipelineStage, out: Path) -> dict[str, str]:
     """{recipe key: stage} for each model path of `stage` that is the output of a stage of the pipeline in `out`."""
     produced = {str(out / name): name for name in STAGE_ORDER}
-    return {key: produced[value] for key, value in model_links(stage.recipe).items() if value in produced}
+    found = {}
+    for key, value in model_links(stage.recipe).items():
+        if value in produced:
+            found[key] = produced[value]
+        elif value and Path(value).parent.parent == out and Path(value).parent.name.startswith("round-"):
+            found[key] = round_name(int(Path(value).parent.name[len("round-"):]), Path(value).name)  # OUT/round-K/rm
+    return found
+
+
+def run_order(name: str) -> tuple[int, int]:
+    """Sorts stage names in run order: sft, rm, ... then round-1.label, round-1.rm, ..., round-2.label, ..."""
+    prefix, _, kind = name.rpartition(".")
+    if not prefix:
+        return 0, STAGE_ORDER.index(name)
+    return int(prefix[len("round-"):]), ROUND_KINDS.index(kind)
 
 
 def upstream(stage: PipelineStage, out: Path) -> list[str]:
     """The stages whose outputs `stage` reads, in run order: its hash includes theirs, it re-runs when they do, and
-    --only needs them finished. Read from the wired recipe, so a link overridden by another path drops out."""
-    read = set(reads_from(stage, out).values()) - {stage.name}
-    return [name for name in STAGE_ORDER if name in read]
+    --only needs them finished. Read from the wired recipe, so a link overridden by another path drops out (plus
+    the accumulated data a round's stages read, `stage.after`)."""
+    read = (set(reads_from(stage, out).values()) | set(stage.after)) - {stage.name}
+    return sorted(read, key=run_order)
 
 
 # ---------------------------------------------------------------- hashing and state
@@ -362,8 +616,13 @@ def stage_hash(stage: PipelineStage, upstream_hashes: list[str]) -> str:
     evaluation = getattr(stage.recipe, "eval", None)
     if evaluation is not None:
         sources += [getattr(evaluation, key, None) for key in ("prompts", "preferences", "demonstrations")]
+    label = getattr(stage.recipe, "label", None)
+    if label is not None:
+        sources += [label.prompts, label.candidates]
+    sources += stage.base_data  # a round's first label stage: the seed data it starts the accumulated rows from
     for source in sources:
-        if source is not None and getattr(source, "path", None) and Path(source.path).exists():
+        path = getattr(source, "path", None)
+        if path and path != stage.made_data and Path(path).exists():  # made_data: its maker's hash stands for it
             digest.update(_file_digest(source.path).encode())
     for upstream in upstream_hashes:
         digest.update(upstream.encode())
@@ -390,37 +649,57 @@ def write_state(out: Path, state: dict) -> None:
 
 
 def finished(stage: PipelineStage) -> bool:
-    marker = "eval.json" if stage.name == "eval" else "summary.json"
-    return (stage.run_dir / marker).is_file()
+    marker = "eval.json" if stage.kind == "eval" else "summary.json"
+    done = (stage.run_dir / marker).is_file()
+    if stage.kind == "label":  # and the accumulated data written, every question answered
+        done = done and Path(stage.made_data).is_file() and not labels_open(stage)
+    return done
 
 
 # ---------------------------------------------------------------- running
 
 
-def run_one(stage: PipelineStage, *, overwrite: bool, resume: bool, dry_run: bool) -> int:
+def run_one(stage: PipelineStage, *, overwrite: bool, resume: bool, dry_run: bool, annotator: str | None = None,
+            out: Path | None = None) -> int:  # fmt: skip
     from rlhf_cli.stages import stage_for
     from rlhf_cli.stages.common import run_stage
     from rlhf_cli.stages.ppo import run_ppo
 
     options = {"output_dir": str(stage.run_dir), "overwrite": overwrite, "dry_run": dry_run}
-    if stage.name == "eval":
+    if stage.kind == "label":  # resume: the same session continues (a person's answers so far are kept)
+        from rlhf_cli.stages.label import run_label
+
+        code = run_label(stage.recipe, annotator=annotator, **options)
+        if code == 0 and not dry_run and not labels_open(stage):
+            accumulate_preferences(stage, out)
+        return code
+    if stage.kind == "eval":
         from rlhf_cli.stages.evaluate import run_eval
 
         return run_eval(stage.recipe, **options)
-    if stage.name == "ppo":
+    if stage.kind == "ppo":
         return run_ppo(stage.recipe, resume=resume, **options)
-    return run_stage(stage_for(stage.recipe, stage.name), stage.recipe, resume=resume, **options)  # dpo: its algorithm
+    return run_stage(stage_for(stage.recipe, stage.kind), stage.recipe, resume=resume, **options)  # dpo: its algorithm
 
 
-def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only=None, dry_run=False) -> int:
+def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only=None, dry_run=False,
+                 annotator=None, stdin=None) -> int:  # fmt: skip
+    import sys
+
     from rlhf_cli.console import heading, make_console
 
     console = make_console()
     out, stages = load_pipeline(path, overrides, output_dir)
     names = [stage.name for stage in stages]
+    chosen = {}
     for flag, value in (("--from", from_stage), ("--only", only)):
-        if value is not None and value not in names:
-            raise UserError(f"{flag} {value}: this pipeline's stages are {', '.join(names)}.")
+        chosen[flag] = None if value is None else resolve_stage_name(value, names)
+        if value is not None and chosen[flag] is None:
+            rounds = " (round-K for a round's first stage)" if any(stage.round for stage in stages) else ""
+            raise UserError(f"{flag} {value}: this pipeline's stages are {', '.join(names)}{rounds}.")
+    from_stage, only = chosen["--from"], chosen["--only"]
+    if not dry_run:
+        check_human_labellers(stages, annotator, stdin or sys.stdin)
     check_stages(stages)
 
     stage_hashes(stages, out)
@@ -428,16 +707,16 @@ def run_pipeline(path, *, overrides=None, output_dir=None, from_stage=None, only
     if dry_run:
         for stage in stages:
             heading(console, f"[bold]stage {stage.name}[/] -> {stage.run_dir}")
-            run_one(stage, overwrite=False, resume=False, dry_run=True)
+            run_one(stage, overwrite=False, resume=False, dry_run=True, out=out)
         return 0
 
     from rlhf_cli.rundir import locked_directory
 
     with locked_directory(out):  # a second pipeline on the same directory is refused, naming this one's pid
-        return _run_stages(out, stages, from_stage=from_stage, only=only, console=console)
+        return _run_stages(out, stages, from_stage=from_stage, only=only, console=console, annotator=annotator)
 
 
-def _run_stages(out: Path, stages: list[PipelineStage], *, from_stage, only, console) -> int:
+def _run_stages(out: Path, stages: list[PipelineStage], *, from_stage, only, console, annotator=None) -> int:
     from rlhf_cli.console import heading
 
     names = [stage.name for stage in stages]
@@ -465,17 +744,26 @@ def _run_stages(out: Path, stages: list[PipelineStage], *, from_stage, only, con
         from rlhf_cli.rundir import last_checkpoint
 
         resume = (unchanged and recorded.get("status") == "started" and stage.run_dir.is_dir()
-                  and last_checkpoint(stage.run_dir) is not None and stage.name != "eval")  # fmt: skip
+                  and last_checkpoint(stage.run_dir) is not None and stage.kind != "eval")  # fmt: skip
+        if stage.kind == "label":  # the labelling session continues where it stopped
+            resume = unchanged and recorded.get("status") == "started" and (stage.run_dir / "candidates.jsonl").is_file()
         heading(console, f"[bold]stage {stage.name}[/]" + (" (resuming)" if resume else ""))
         state[stage.name] = {"hash": stage.hash, "status": "started"}
         write_state(out, state)
         started = time.time()
-        code = run_one(stage, overwrite=not resume, resume=resume, dry_run=False)
+        code = run_one(stage, overwrite=not resume, resume=resume, dry_run=False, annotator=annotator, out=out)
         stage.seconds = time.time() - started
         if code != 0:
             console.print(f"[red]Stage {stage.name} stopped (exit code {code}).[/] Run the same command again to "
                           "continue: finished stages are skipped and this one resumes from its last checkpoint.")  # fmt: skip
             return code
+        if stage.kind == "label" and labels_open(stage):
+            stage.status = f"paused ({labels_open(stage)} questions open)"
+            print_pipeline_summary(out, stages, state, console)
+            console.print(f"[bold]Pipeline paused at {stage.name}[/]: the answers so far are saved. Run the same "
+                          "command again to continue labelling; the pipeline goes on once every question is "
+                          "answered.")  # fmt: skip
+            return 0
         state[stage.name] = {"hash": stage.hash, "status": "done", "seconds": round(stage.seconds, 1)}
         write_state(out, state)
         stage.status = "resumed" if resume else "ran"
@@ -550,7 +838,7 @@ def _headline(stage: PipelineStage) -> str:
     accuracy on the preference pairs, the policy's win rate over the reference under the reward model (the proxy PPO
     optimised) and, when the eval has a judge, under the judge, side by side (a proxy gain the judge does not share
     is reward hacking), then the KL; with eval.compare, those of each policy, then every pair head to head."""
-    if stage.name == "eval":
+    if stage.kind == "eval":
         results = _eval_results(stage)
         if results is None:
             return ""
@@ -565,15 +853,24 @@ def _headline(stage: PipelineStage) -> str:
     if not path.is_file():
         return ""
     summary = json.loads(path.read_text())
-    if stage.name in PREFERENCE_FIGURES:  # the implicit reward on held-out pairs/rows, else the last training window
-        names = PREFERENCE_FIGURES[stage.name]
+    if stage.kind == "label":  # the pairs it labelled, and the accumulated rows the round trains on
+        line = ", ".join(f"{key} {summary[key]}" for key in ("labels", "ties", "rows in preferences.jsonl")
+                         if key in summary)  # fmt: skip
+        data = Path(stage.made_data).parent / "summary.json"
+        if data.is_file():
+            counts = json.loads(data.read_text())
+            per_round = ", ".join(f"{k}: {n}" for k, n in counts["rows per round"].items())
+            line += f"; accumulated {counts['rows']} pairs (per round {per_round})"
+        return line
+    if stage.kind in PREFERENCE_FIGURES:  # the implicit reward on held-out pairs/rows, else the last training window
+        names = PREFERENCE_FIGURES[stage.kind]
         keys = [f"held-out {name}" for name in names if f"held-out {name}" in summary]
         keys = keys or [f"train {name} (last log window)" for name in names]
     else:
         keys = {"sft": ("train loss (last log window)", "held-out loss"), "rm": ("held-out accuracy",
                 "train accuracy (last log window)"),
                 "ppo": ("score (first steps)", "score (last steps)", "kl (last steps)",
-                        "reward (first steps)", "reward (last steps)")}[stage.name]  # fmt: skip
+                        "reward (first steps)", "reward (last steps)")}[stage.kind]  # fmt: skip
     line = ", ".join(f"{key} {_number(summary[key])}" for key in keys if key in summary)
     if any(str(warning).startswith("likelihood displacement") for warning in summary.get("warnings", [])):
         line += "; likelihood displacement: the chosen responses fell below the reference (summary.json)"
@@ -617,7 +914,9 @@ def print_pipeline_summary(out: Path, stages: list[PipelineStage], state: dict, 
     for column in ("stage", "this run", "wall time (s)", "key metrics", "output"):
         table.add_column(column)
     rows = []
-    for stage in stages:
+    for number, stage in enumerate(stages):
+        if number and stage.round != stages[number - 1].round:
+            table.add_section()  # one block per round
         seconds = stage.seconds or state.get(stage.name, {}).get("seconds", 0.0)
         headline = _headline(stage)
         table.add_row(stage.name, stage.status, f"{seconds:.1f}", escape(headline), str(stage.run_dir))
@@ -625,7 +924,8 @@ def print_pipeline_summary(out: Path, stages: list[PipelineStage], state: dict, 
                      "key metrics": headline, "output": str(stage.run_dir)})  # fmt: skip
     console.print(table)
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    evaluation = next((stage for stage in stages if stage.name == "eval"), None)
-    if evaluation is not None and (evaluation.run_dir / "eval.json").is_file():
-        console.print(f"[bold]Eval headline:[/] {escape(eval_headline(evaluation))}. Report: "
-                      f"{evaluation.run_dir / 'report.md'}")  # fmt: skip
+    for evaluation in [stage for stage in stages if stage.kind == "eval"]:  # one per round
+        if (evaluation.run_dir / "eval.json").is_file():
+            which = f" (round {evaluation.round})" if evaluation.round else ""
+            console.print(f"[bold]Eval headline{which}:[/] {escape(eval_headline(evaluation))}. Report: "
+                          f"{evaluation.run_dir / 'report.md'}")  # fmt: skip
