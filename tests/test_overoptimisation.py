@@ -229,3 +229,15 @@ def test_snapshot_steps_must_be_positive(tmp_path):
     assert_clean_failure(["ppo", str(TINY / "ppo.yaml"), "--set", "model.name_or_path=builtin:tiny-gpt2",
                           "--set", "ppo.reward={function: 'rules:starts_with_sure'}",
                           "--set", "training.snapshot_steps=0"], "snapshot_steps")  # fmt: skip
+
+
+def test_demo_rule_pairs_are_labelled_by_the_gold_rule():
+    from rlhf_cli.demo import build_rule_pairs, correct_answer
+
+    pairs = build_rule_pairs()
+    assert len(pairs) > 100
+    prompts = [pair["prompt"] for pair in pairs]
+    assert correct_answer(prompts, [pair["chosen"][0]["content"] for pair in pairs]) == [1.0] * len(pairs)
+    assert correct_answer(prompts, [pair["rejected"][0]["content"] for pair in pairs]) == [0.0] * len(pairs)
+    shipped = (TINY / "overoptimisation-pairs.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in shipped] == pairs  # the file the proxy's recipe reads

@@ -164,6 +164,41 @@ def correct_answer(prompts, completions) -> list[float]:
     return scores
 
 
+def build_rule_pairs(seed: int = 0, candidates: int = 4) -> list[dict]:
+    """Preference pairs labelled by the rule `correct_answer`, for a proxy reward model whose gold is that rule.
+
+    Per question, `candidates` answers are drawn as the demonstrations are (polite and correct 60%, else rude,
+    wrong, wrong and rude, or a bare word); every two candidates that `correct_answer` scores differently become a
+    pair, the one it scores 1.0 chosen. Equal scores are ties and are left out. Politeness is not in the label,
+    but correct answers are mostly polite ones here, so a reward model trained on these pairs also learns to like
+    politeness: the spurious correlation that `recipes/tiny/overoptimisation.yaml` lets PPO exploit.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for question, fact, wrong in _questions(random.Random(0)):
+        answers = [_good(fact, rng) if rng.random() < 0.6 else _bad(fact, wrong, rng) for _ in range(candidates)]
+        marks = correct_answer([question] * candidates, answers)
+        for i in range(candidates):
+            for j in range(i + 1, candidates):
+                if marks[i] != marks[j]:
+                    chosen, rejected = (answers[i], answers[j]) if marks[i] > marks[j] else (answers[j], answers[i])
+                    pairs.append({"prompt": _user(question), "chosen": _assistant(chosen),
+                                  "rejected": _assistant(rejected)})  # fmt: skip
+    rng.shuffle(pairs)
+    return pairs
+
+
+def write_rule_pairs(path: str | Path = "recipes/tiny/overoptimisation-pairs.jsonl", seed: int = 0) -> Path:
+    """Write the pairs of `build_rule_pairs` to `path` (python -c "from rlhf_cli.demo import write_rule_pairs;
+    write_rule_pairs()" from the repository root writes the file recipes/tiny/overoptimisation-rm.yaml reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in build_rule_pairs(seed):
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
 HELDOUT_SEED = 1
 
 
