@@ -167,8 +167,10 @@ def test_dpo_learns_the_pairs_and_saves_a_plain_causal_lm(tiny_sft, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,settings", [
     ("orpo.yaml", []),
-    ("dpo.yaml", ["--set", "dpo.algorithm=simpo", "--set", "training.loss_type=simpo", "--set", "training.beta=2.0"]),
-    ("dpo.yaml", ["--set", "training.loss_type=[sigmoid, sft]", "--set", "training.loss_weights=[1.0, 0.5]"]),
+    pytest.param("dpo.yaml", ["--set", "dpo.algorithm=simpo", "--set", "training.loss_type=simpo",
+                              "--set", "training.beta=2.0"], marks=pytest.mark.extended),
+    pytest.param("dpo.yaml", ["--set", "training.loss_type=[sigmoid, sft]", "--set", "training.loss_weights=[1.0, 0.5]"],
+                 marks=pytest.mark.extended),
 ], ids=["orpo", "simpo", "mpo-style-mix"])
 def test_other_algorithms_and_combined_losses_train(tiny_sft, tmp_path, recipe, settings):
     out = tmp_path / "run"
@@ -181,6 +183,7 @@ def test_other_algorithms_and_combined_losses_train(tiny_sft, tmp_path, recipe, 
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_dpo_under_deepspeed_zero3_in_two_cpu_processes(tiny_sft, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -199,6 +202,7 @@ def test_dpo_under_deepspeed_zero3_in_two_cpu_processes(tiny_sft, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_ctrl_c_saves_a_dpo_checkpoint_and_resume_finishes(tiny_sft, tmp_path):
     out = tmp_path / "interrupted"
     args = [*RLHF, "dpo", str(TINY / "dpo.yaml"), "-o", str(out), "--set", f"model.name_or_path={tiny_sft}",

@@ -267,6 +267,7 @@ def run_iterative(out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_tiny_iterative_recipe_end_to_end_then_skipped(tmp_path):
     out = tmp_path / "run"
     result = run_iterative(out)

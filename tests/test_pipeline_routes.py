@@ -443,6 +443,7 @@ SHORT_COMPARE = [*SHORT_DPO, "--set", "stages.rm.training.num_train_epochs=3", "
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_compare_route_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([*RLHF, "pipeline", str(TINY / "pipeline-compare.yaml"), "-o", str(out), *SHORT_COMPARE],

@@ -180,6 +180,7 @@ def test_train_rm_ensemble_writes_members_and_record(ensemble):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_resume_keeps_finished_members_and_continues_the_unfinished_one(ensemble, tmp_path):
     kept = (ensemble / "member-0" / "model.safetensors").stat().st_mtime_ns
     # member 1 as if interrupted after its last checkpoint: no final files, no ensemble.json yet
@@ -260,6 +261,7 @@ def test_eval_scores_pairs_with_an_ensemble_directory_by_the_mean(ensemble, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_ppo_with_an_ensemble_under_zero3_in_two_cpu_processes(ensemble, tmp_path):
     out = tmp_path / "zero3"
     result = subprocess.run([*RLHF, "ppo", str(TINY / "ppo.yaml"), "-o", str(out),
