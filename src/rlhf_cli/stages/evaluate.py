@@ -1040,7 +1040,8 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
     if spec.ppo_run is not None:
         plan["ppo run"] = spec.ppo_run
     if spec.curve is not None:
-        gold = spec.curve.gold.model or spec.curve.gold.function or ", ".join(getattr(spec.curve.gold, "models", None) or [])
+        gold_spec = spec.curve.gold
+        gold = gold_spec.model or gold_spec.function or ", ".join(getattr(gold_spec, "models", None) or [])
         every = "every snapshot" if spec.curve.every == 1 else f"every {spec.curve.every}th snapshot (and the last)"
         plan["over-optimisation curve"] = (f"{every} of {spec.curve.run or spec.ppo_run}, and the reference as "
                                            f"step 0; proxy {spec.reward_model}, gold {gold}")  # fmt: skip
