@@ -12,11 +12,15 @@ itself and hands TRL a frozen copy of the policy. Each run is its own process; t
 (rlhf, trl, trl, rlhf, ...) so that drifting load on a shared machine hits both.
 
 Measured per run:
-  training phase  the trainer's own `train_runtime` (transformers: from the first step's set-up to the end of the
-                  last step; for rlhf read from the run's metrics.jsonl, whose summary.json "train samples/s" is
-                  the same measurement), and train samples/s;
-  whole process   wall-clock from starting the process to its exit (imports, data, model, training, saving);
+  training phase  the trainer's own `train_runtime` (transformers: from just before the first step to the end of
+                  the last step; for rlhf read from the run's metrics.jsonl, whose summary.json "train samples/s"
+                  is the same measurement) and train samples/s; and the process's CPU seconds during the
+                  `Trainer.train()` call (benchmarks/_clock/sitecustomize.py, loaded by both processes);
+  whole process   wall-clock from starting the process to its exit (imports, data, model, training, saving), and
+                  its CPU seconds (user + system, from wait4());
   peak RSS        the process's ru_maxrss, from wait4().
+CPU seconds leave out the time a process waits for a core while other work runs (not the slowdown from sharing
+caches and cores): on a busy machine they vary less than wall seconds, which swing by tens of percent there.
 Output: one JSON line per implementation (its fastest run, every run's figures listed), then one ratio line
 rlhf-cli / trl. The two runs must log the same losses (identical training); a difference is reported in the ratio
 line and makes the script exit 1. See benchmarks/README.md.
@@ -178,18 +182,28 @@ def timed_process(command: list[str], log_file: Path, env: dict, timeout: int, c
     process.returncode = os.waitstatus_to_exitcode(status)
     scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB on Linux
     return {"code": process.returncode, "process_wall_s": round(wall, 3),
+            "process_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
             "peak_rss_mb": round(usage.ru_maxrss / scale, 1)}  # fmt: skip
 
 
-def fresh_cache(env: dict, work: Path, name: str) -> dict:
-    """`datasets` caches what it reads and maps on disk: with a shared cache TRL's later runs would skip its
-    tokenization (its `map` results are cached) and reading the JSON file. Each run gets an empty cache of its own,
-    so every run of either side starts as a first run does."""
-    return {**env, "HF_DATASETS_CACHE": str(work / "datasets-cache" / name)}
+def run_env(env: dict, work: Path, name: str) -> dict:
+    """The environment of one run: an empty `datasets` cache of its own (with a shared one, TRL's later runs would
+    load its tokenized pairs from the cache instead of tokenizing them: every run here starts as a first run), and
+    the training-phase CPU clock (_clock/sitecustomize.py) writing to clock-NAME.json."""
+    path = [str(HERE / "_clock"), *filter(None, [env.get("PYTHONPATH")])]
+    return {**env, "HF_DATASETS_CACHE": str(work / "datasets-cache" / name), "PYTHONPATH": os.pathsep.join(path),
+            "DPO_BENCH_CLOCK_FILE": str(work / f"clock-{name}.json")}  # fmt: skip
+
+
+def read_clock(work: Path, name: str) -> dict:
+    clock = work / f"clock-{name}.json"
+    if not clock.is_file():
+        raise RuntimeError(f"{clock} was not written: the training-phase clock (benchmarks/_clock) did not load")
+    return json.loads(clock.read_text())
 
 
 def run_rlhf(work: Path, index: int, env: dict, timeout: int) -> dict:
-    env = fresh_cache(env, work, f"rlhf-cli-{index}")
+    env = run_env(env, work, f"rlhf-cli-{index}")
     run_dir = work / f"rlhf-run-{index}"
     command = [*rlhf_command(), "dpo", str(work / "recipe.yaml"), "-o", str(run_dir)]
     outcome = timed_process(command, work / f"log-rlhf-cli-{index}.txt", env, timeout, work)
@@ -202,14 +216,14 @@ def run_rlhf(work: Path, index: int, env: dict, timeout: int) -> dict:
     if summary.get("train samples/s") != metrics["train_samples_per_second"]:  # the same measurement, twice
         raise RuntimeError(f"summary.json train samples/s {summary.get('train samples/s')} differs from "
                            f"metrics.jsonl {metrics['train_samples_per_second']}")  # fmt: skip
-    return {**outcome, "train_metrics": metrics, "global_step": summary["steps"],
-            "losses": {str(r["step"]): r["loss"] for r in records if "loss" in r},
+    return {**outcome, **read_clock(work, f"rlhf-cli-{index}"), "train_metrics": metrics,
+            "global_step": summary["steps"], "losses": {str(r["step"]): r["loss"] for r in records if "loss" in r},
             "rows_kept": summary.get("rows kept"), "rows_truncated": summary.get("rows truncated"),
             "stage_wall_s": summary.get("wall time (s)")}  # fmt: skip
 
 
 def run_trl(work: Path, index: int, env: dict, timeout: int) -> dict:
-    env = fresh_cache(env, work, f"trl-{index}")
+    env = run_env(env, work, f"trl-{index}")
     result_file = work / f"result-trl-{index}.json"
     spec = json.loads((work / "spec.json").read_text())
     spec["trl_output_dir"] = str(work / f"trl-run-{index}")
@@ -219,7 +233,7 @@ def run_trl(work: Path, index: int, env: dict, timeout: int) -> dict:
     outcome = timed_process(command, work / f"log-trl-{index}.txt", env, timeout, work)
     if outcome["code"] != 0 or not result_file.is_file():
         raise RuntimeError(f"_trl_dpo.py exited {outcome['code']}; log {work / f'log-trl-{index}.txt'}")
-    return {**outcome, **json.loads(result_file.read_text())}
+    return {**outcome, **read_clock(work, f"trl-{index}"), **json.loads(result_file.read_text())}
 
 
 def machine() -> dict:
@@ -267,9 +281,14 @@ def summarise(impl: str, runs: list[dict], config: str, settings: dict, model: d
         "tokens_per_s": round(samples * tokens_per_pair, 1),
         "train_runtime_s": best["train_metrics"]["train_runtime"],
         "process_wall_s": min(run["process_wall_s"] for run in runs),
+        "train_cpu_s": min(run["train_call_cpu_s"] for run in runs),
+        "process_cpu_s": min(run["process_cpu_s"] for run in runs),
         "peak_rss_mb": min(run["peak_rss_mb"] for run in runs),
         "train_runtime_s_each_run": runtimes,
         "process_wall_s_each_run": [run["process_wall_s"] for run in runs],
+        "train_cpu_s_each_run": [run["train_call_cpu_s"] for run in runs],
+        "train_call_wall_s_each_run": [run["train_call_wall_s"] for run in runs],
+        "process_cpu_s_each_run": [run["process_cpu_s"] for run in runs],
         "peak_rss_mb_each_run": [run["peak_rss_mb"] for run in runs],
         "loadavg_1m_each_run": [run["loadavg_1m"] for run in runs],
         "repeats": len(runs),
@@ -282,7 +301,8 @@ def summarise(impl: str, runs: list[dict], config: str, settings: dict, model: d
 def ratio_line(lines: dict, runs: dict, config: str) -> dict:
     ours, theirs = lines["rlhf-cli"], lines["trl"]
     pairs = [(a["train_metrics"]["train_runtime"] / b["train_metrics"]["train_runtime"],
-              a["process_wall_s"] / b["process_wall_s"]) for a, b in zip(runs["rlhf-cli"], runs["trl"])]  # fmt: skip
+              a["process_wall_s"] / b["process_wall_s"], a["train_call_cpu_s"] / b["train_call_cpu_s"],
+              a["process_cpu_s"] / b["process_cpu_s"]) for a, b in zip(runs["rlhf-cli"], runs["trl"])]  # fmt: skip
     train = round(ours["train_runtime_s"] / theirs["train_runtime_s"], 3)
     diffs = [loss_difference(a["losses"], b["losses"]) for a, b in zip(runs["rlhf-cli"], runs["trl"])]
     return {
@@ -290,9 +310,13 @@ def ratio_line(lines: dict, runs: dict, config: str) -> dict:
         "config": config,
         "train_runtime": train,  # fastest against fastest; below 1: rlhf-cli's training phase is faster
         "process_wall": round(ours["process_wall_s"] / theirs["process_wall_s"], 3),
+        "train_cpu": round(ours["train_cpu_s"] / theirs["train_cpu_s"], 3),  # CPU seconds: steadier on a busy CPU
+        "process_cpu": round(ours["process_cpu_s"] / theirs["process_cpu_s"], 3),
         "peak_rss": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3),
         "train_runtime_each_pair": [round(p[0], 3) for p in pairs],
         "process_wall_each_pair": [round(p[1], 3) for p in pairs],
+        "train_cpu_each_pair": [round(p[2], 3) for p in pairs],
+        "process_cpu_each_pair": [round(p[3], 3) for p in pairs],
         "train_runtime_median_pair": round(statistics.median(p[0] for p in pairs), 3),
         "goal_train_runtime_max": GOAL,
         "meets_goal": train <= GOAL,
