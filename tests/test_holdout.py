@@ -133,7 +133,8 @@ def test_recipe_show_defaults_states_what_rlhf_sets():
     assert rows["training.num_train_epochs (rm)"][0] == "1"
     assert "TRL's default is 3" in rows["training.num_train_epochs (rm)"][1]
     assert rows["training.learning_rate (rm)"][0] == "1e-05 (LoRA: 0.0001)"
-    assert rows["training.save_total_limit (sft, rm)"][0] == "2"
+    assert rows["training.save_total_limit (sft, rm, dpo, kto)"][0] == "2"
+    assert rows["training.beta (dpo, algorithm simpo)"][0] == "2"  # dpo's algorithms keep their own defaults
     assert rows["data.eval_split (rm)"][0] == "0.05"
     keys = [key for key, _, _ in describe_keys()]
     assert keys.index("training.num_train_epochs (rm)") == keys.index("training") + 1

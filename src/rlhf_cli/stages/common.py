@@ -217,9 +217,12 @@ def stage_default_rows() -> list[tuple[str, str, str]]:
     from rlhf_cli.stages import STAGES
     from rlhf_cli.trl_fields import config_default
 
-    rows = []
+    rows, split_for = [], set()
     for stage in STAGES.values():
-        if stage.default_eval_split:
+        # dpo's orpo / simpo share its recipe stage: one hold-out row, their own training defaults
+        label = stage.stage_key if stage.name == stage.stage_key else f"{stage.stage_key}, algorithm {stage.name}"
+        if stage.default_eval_split and stage.stage_key not in split_for:
+            split_for.add(stage.stage_key)
             rows.append((f"data.eval_split ({stage.stage_key})", f"{stage.default_eval_split:g}",
                          f"Set by rlhf-cli when the recipe has no data.eval and no data.eval_split: "
                          f"{stage.default_eval_split:.0%} of data.train (at least {HOLDOUT_MIN_ROWS}, at most "
@@ -228,9 +231,9 @@ def stage_default_rows() -> list[tuple[str, str, str]]:
         for key, default in stage.training_defaults.items():
             shown = _shown(default.value) + (f" (LoRA: {_shown(default.lora)})" if default.lora is not None else "")
             trl = _shown(config_default(stage.config_class, key))
-            rows.append((f"training.{key} ({stage.stage_key})", shown,
+            rows.append((f"training.{key} ({label})", shown,
                          f"Set by rlhf-cli when training: does not set it; TRL's default is {trl}. {default.why}"))
-    sized = ", ".join(stage.stage_key for stage in STAGES.values() if stage.sized_cadence)
+    sized = ", ".join(dict.fromkeys(stage.stage_key for stage in STAGES.values() if stage.sized_cadence))
     for key, (shown, why) in CADENCE.items():
         rows.append((f"training.{key} ({sized})", shown, f"Set by rlhf-cli when training: does not set it: {why}."))
     return rows
