@@ -149,94 +149,49 @@ def _run(stage_name: str, recipe: str, overrides, output_dir, overwrite, resume,
         raise typer.Exit(code)
 
 
-@app.command()
-@user_errors
-def sft(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-) -> None:
-    """Supervised fine-tuning on demonstrations (TRL SFTTrainer).
+def _training_command(stage_name: str, command: str, help_text: str) -> None:
+    """Register `rlhf COMMAND RECIPE`, a training stage: the options every training stage takes, then `_run`."""
+
+    def train_command(
+        recipe: RecipeArg,
+        overrides: SetOpt = None,
+        output_dir: OutputOpt = None,
+        overwrite: OverwriteOpt = False,
+        resume: ResumeOpt = False,
+        dry_run: DryRunOpt = False,
+    ) -> None:
+        _run(stage_name, recipe, overrides, output_dir, overwrite, resume, dry_run)
+
+    train_command.__name__ = train_command.__qualname__ = command.replace("-", "_")
+    train_command.__doc__ = help_text
+    app.command(command)(user_errors(train_command))
+
+
+_training_command("sft", "sft", """Supervised fine-tuning on demonstrations (TRL SFTTrainer).
 
     Data: text, prompt/completion, messages, alpaca, sharegpt or hh (the chosen transcript) rows. Saves a causal LM and its tokenizer.
-    """
-    _run("sft", recipe, overrides, output_dir, overwrite, resume, dry_run)
-
-
-@app.command("train-rm")
-@user_errors
-def train_rm(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-) -> None:
-    """Train a Bradley-Terry reward model on preference pairs (TRL RewardTrainer).
+    """)
+_training_command("rm", "train-rm", """Train a Bradley-Terry reward model on preference pairs (TRL RewardTrainer).
 
     Data: chosen/rejected pairs (TRL, sharegpt, alpaca or Anthropic hh). Saves a one-output sequence classifier
-    that loads with AutoModelForSequenceClassification.
-    """
-    _run("rm", recipe, overrides, output_dir, overwrite, resume, dry_run)
-
-
-@app.command()
-@user_errors
-def ppo(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-) -> None:
-    """PPO against a reward model (or a rule function), KL-anchored to the reference policy.
+    that loads with AutoModelForSequenceClassification. `ensemble:` trains several members in one command.
+    """)
+_training_command("ppo", "ppo", """PPO against a reward model (or a rule function), KL-anchored to the reference policy.
 
     Four models: policy and critic train, reference and reward model stay frozen. Data: prompts. Saves the policy
     (and the critic in critic/).
-    """
-    _run("ppo", recipe, overrides, output_dir, overwrite, resume, dry_run)
+    """)
+_training_command("dpo", "dpo", """Direct preference optimisation of the policy on preference pairs (TRL DPOTrainer; ORPO, SimPO).
 
-
-@app.command()
-@user_errors
-def dpo(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-) -> None:
-    """Direct preference optimisation: train the policy on preference pairs against a frozen reference (TRL
-    DPOTrainer, every loss_type); `dpo.algorithm: orpo | simpo` for the reference-free variants.
-
+    Against a frozen reference, every TRL loss_type; `dpo.algorithm: orpo | simpo` for the reference-free variants.
     Data: any preference format train-rm reads (pairs with or without a prompt, conversations, HH transcripts, two
     outputs + a winner column, rankings). Saves a causal LM that loads with AutoModelForCausalLM. See docs/dpo.md.
-    """
-    _run("dpo", recipe, overrides, output_dir, overwrite, resume, dry_run)
-
-
-@app.command()
-@user_errors
-def kto(
-    recipe: RecipeArg,
-    overrides: SetOpt = None,
-    output_dir: OutputOpt = None,
-    overwrite: OverwriteOpt = False,
-    resume: ResumeOpt = False,
-    dry_run: DryRunOpt = False,
-) -> None:
-    """KTO: train the policy on unpaired thumbs-up / thumbs-down rows against a frozen reference (TRL KTOTrainer).
+    """)
+_training_command("kto", "kto", """KTO: train the policy on unpaired thumbs-up / thumbs-down rows against a frozen reference (TRL KTOTrainer).
 
     Data: prompt + completion + a boolean label, or preference pairs (each split into a desirable and an
     undesirable row). Class weights follow the label balance unless training: sets them. See docs/dpo.md.
-    """
-    _run("kto", recipe, overrides, output_dir, overwrite, resume, dry_run)
+    """)
 
 
 @app.command("eval")
@@ -297,8 +252,9 @@ def label(
     overwrite: OverwriteOpt = False,
     dry_run: PlanOpt = False,
 ) -> None:
-    """Make preference data: sample K responses per prompt (or read candidates) and have a person, a judge model
-    under a constitution, reward models or a rule compare them.
+    """Make preference data: K responses per prompt compared by a person, an AI judge, reward models or a rule.
+
+    Candidates are sampled from the policy (or read from a file); the judge works under a written constitution.
 
     Writes preferences.jsonl (prompt/chosen/rejected: rlhf train-rm and rlhf dpo read it as it is) or kto.jsonl,
     and label_report.json/.md (counts, ties, agreement, position bias, length bias). A person's answers are saved as
