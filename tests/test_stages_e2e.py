@@ -163,18 +163,21 @@ def test_every_recipe_validates_and_dry_runs(recipe, tmp_path, monkeypatch):
     overrides = []
     if "../shared" in text and not (REPO.parent / "shared").is_dir():
         pytest.skip("this recipe reads ../shared, which is absent")
-    if re.search(r"^stage: (ppo|dpo|kto)", text, re.M):  # it reads earlier stages' outputs; stand-ins will do
+    if re.search(r"^stage: (ppo|dpo|kto|label)", text, re.M):  # it reads earlier stages' outputs; stand-ins will do
         overrides = ["--set", f"model.name_or_path={TINY}"]
         if re.search(r"^\s+model: \.\./\.\./runs/", text, re.M):
-            overrides += ["--set", f"ppo.reward.model={TINY}"]
+            key = "label.labeller.model" if "stage: label" in text else "ppo.reward.model"
+            overrides += ["--set", f"{key}={TINY}"]
+        if re.search(r"^\s+models: \[\.\./\.\./runs/", text, re.M):
+            overrides += ["--set", f"label.labeller.models=[{TINY}]"]
     runner = CliRunner()
     result = runner.invoke(app, ["recipe", "validate", str(REPO / recipe), *overrides])
     assert result.exit_code == 0, result.output
     stage = re.search(r"^stage: (\w+)", text, re.M).group(1)
-    command = {"sft": "sft", "rm": "train-rm", "ppo": "ppo", "dpo": "dpo", "kto": "kto"}[stage]
+    command = {"sft": "sft", "rm": "train-rm", "ppo": "ppo", "dpo": "dpo", "kto": "kto", "label": "label"}[stage]
     result = runner.invoke(app, [command, str(REPO / recipe), "--dry-run", *overrides])
     assert result.exit_code == 0, result.output
-    assert "Command:" in result.output and "Dry run" in result.output
+    assert ("Command:" in result.output or stage == "label") and "Dry run" in result.output
     if "strategy: zero3" in (REPO / recipe).read_text():
         assert "accelerate.commands.launch" in result.output and "stage: 3" in result.output
     assert list(tmp_path.iterdir()) == []
