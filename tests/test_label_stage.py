@@ -134,6 +134,7 @@ def test_a_scripted_human_killed_half_way_resumes_with_nothing_lost_or_repeated(
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_annotators_share_the_overlap_and_report_agreement(tiny, tmp_path):
     out = tmp_path / "two"
     common = ["-o", str(out), "--set", f"model.name_or_path={tiny['sft']}", "--set", "label.labeller.overlap=1.0",

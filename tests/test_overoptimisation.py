@@ -178,6 +178,7 @@ def test_eval_curve_on_the_snapshots(run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_eval_curve_every_second_snapshot_keeps_the_last(run, tmp_path):
     from rlhf_cli.stages.evaluate import list_snapshots
 

@@ -413,6 +413,7 @@ def run_dpo_pipeline(out: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_dpo_route_end_to_end_then_skipped(tmp_path):
     out = tmp_path / "run"
     result = run_dpo_pipeline(out)
