@@ -59,9 +59,11 @@ COMMON = {
     "max_length": 64,  # every pair of the file fits (longest: 31 tokens with the builtin template), so no side cuts
 }
 CONFIGS = {
-    # the builtin:tiny-gpt2 shape: per-step Python overhead dominates, so the ratio is a worst case
-    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "batch": 8, "steps": 16, "logging_steps": 4},
-    # a little larger, for steadier timings: ~1.6M parameters, 16 pairs per step, two epochs of the 256 pairs
+    # the builtin:tiny-gpt2 shape: per-step Python overhead weighs most here. 64 steps (two epochs) make a training
+    # phase of a few seconds; in one of about a second (16 steps) the 2-core development machine's run-to-run noise
+    # swamped everything
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2, "batch": 8, "steps": 64, "logging_steps": 8},
+    # a little larger, for steadier timings: 903k parameters, 16 pairs per step, two epochs of the 256 pairs
     "small": {"n_layer": 4, "n_embd": 128, "n_head": 4, "batch": 16, "steps": 32, "logging_steps": 4},
 }
 QUICK = {"config": "tiny", "steps": 4, "repeats": 1}
@@ -376,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {**COMMON, **CONFIGS[args.config]}
     if args.steps:
         settings["steps"] = args.steps
+    # at least two logged losses to compare between the sides
+    settings["logging_steps"] = max(1, min(settings["logging_steps"], settings["steps"] // 2))
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="dpo-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
     failed = False
