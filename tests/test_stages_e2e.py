@@ -163,7 +163,8 @@ def test_every_recipe_validates_and_dry_runs(recipe, tmp_path, monkeypatch):
     overrides = []
     if "../shared" in text and not (REPO.parent / "shared").is_dir():
         pytest.skip("this recipe reads ../shared, which is absent")
-    if re.search(r"^stage: (ppo|dpo|kto|label)", text, re.M):  # it reads earlier stages' outputs; stand-ins will do
+    reads_a_run = re.search(r"^\s+name_or_path: \.\./\.\./runs/", text, re.M)
+    if reads_a_run or re.search(r"^stage: (ppo|dpo|kto|label)", text, re.M):  # earlier stages' outputs: stand-ins
         overrides = ["--set", f"model.name_or_path={TINY}"]
         if re.search(r"^\s+model: \.\./\.\./runs/", text, re.M):
             key = "label.labeller.model" if "stage: label" in text else "ppo.reward.model"
