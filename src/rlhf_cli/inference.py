@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.recipe import ModelSpec, RewardSpec, SamplingSpec
+from rlhf_cli.recipe import GenerationSpec, ModelSpec, RewardSpec, SamplingSpec
 
 if TYPE_CHECKING:
     import torch
@@ -237,35 +237,41 @@ class Responses:
     tokens: list[list[int]] = field(default_factory=list)  # response tokens up to and including the first EOS
     texts: list[str] = field(default_factory=list)  # decoded, special tokens left out
     finished: list[bool] = field(default_factory=list)  # ended with EOS rather than at max_new_tokens
+    decoding: str = "hf"  # the backend that decoded them (rlhf_cli.generation.backend_line)
 
 
 def sample(model, tokenizer, queries: list[list[int]], sampling: SamplingSpec, seed: int, progress=None,
-           label: str = "sampling") -> Responses:  # fmt: skip
-    """Sample one response per query in batches of `sampling.batch_size`.
+           label: str = "sampling", generation: GenerationSpec | None = None) -> Responses:  # fmt: skip
+    """Sample one response per query in batches of `sampling.batch_size`, decoded by the recipe's
+    `generation.backend` (rlhf_cli.generation).
 
     Batch k is sampled after torch.manual_seed(seed + k), so two models given the same queries and seed draw the
-    same random numbers (common random numbers: a model compared with itself ties on every prompt).
+    same random numbers (common random numbers: a model compared with itself ties on every prompt). A vLLM engine
+    draws its own random numbers: there the comparison holds only on average.
     """
     import torch
 
+    from rlhf_cli.generation import Decoder, backend_line, resolve_backend, sampling_options
     from rlhf_cli.ppo.rollout import response_mask_from
     from rlhf_cli.ppo.trainer import left_pad
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    options = {"max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos}
-    if sampling.temperature > 0:
-        options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    else:
-        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = Responses()
+    options = sampling_options(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                               top_p=sampling.top_p, pad_id=pad, eos_id=eos)  # fmt: skip
+    decoder = Decoder(resolve_backend(generation, model, what=label), batch_size=sampling.batch_size)
+    if decoder.name == "vllm":
+        from accelerate import Accelerator
+
+        longest = max((len(query) for query in queries), default=1) + sampling.max_new_tokens
+        decoder.vllm_engine(model, Accelerator(), tokenizer, options, max_model_length=longest)
+    out = Responses(decoding=backend_line(decoder))
     task = progress.add_task(label, total=len(queries)) if progress is not None else None
     for number, rows in enumerate(chunks(len(queries), sampling.batch_size)):
         batch_queries = [queries[i] for i in rows]
         query_ids, query_mask = left_pad(batch_queries, pad, model.device)
         torch.manual_seed(seed + number)
         with torch.no_grad(), _no_padding_false_alarm():
-            output = model.generate(input_ids=query_ids, attention_mask=query_mask, **options)
-        response_ids = output[:, query_ids.shape[1]:]
+            response_ids = decoder.generate(model, query_ids, query_mask, options)
         mask = response_mask_from(response_ids, eos).bool()
         for row, query in enumerate(batch_queries):
             tokens = response_ids[row][mask[row]].tolist()

@@ -206,11 +206,17 @@ def _kto_batches(recipe: Recipe) -> list[str]:
 
 
 def _extras(recipe: Recipe) -> list[str]:
+    from rlhf_cli.generation import vllm_problem
+
+    problems = []
     strategy = recipe.distributed.strategy
     if strategy in ("zero2", "zero3") and not installed("deepspeed"):
-        return [f"distributed.strategy: {strategy} runs on DeepSpeed, which is not installed: "
-                'pip install "rlhf-cli[deepspeed]" (or use strategy ddp).']  # fmt: skip
-    return []
+        problems.append(f"distributed.strategy: {strategy} runs on DeepSpeed, which is not installed: "
+                        'pip install "rlhf-cli[deepspeed]" (or use strategy ddp).')  # fmt: skip
+    vllm = vllm_problem(recipe.generation)
+    if vllm:
+        problems.append(vllm)
+    return problems
 
 
 def _output(recipe: Recipe) -> list[str]:

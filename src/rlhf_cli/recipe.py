@@ -435,6 +435,30 @@ class KTOSpec(_Strict):
     )
 
 
+GENERATION_BACKENDS = ("auto", "hf", "compiled", "vllm")
+
+
+class GenerationSpec(_Strict):
+    """How responses are decoded, for every stage that samples (ppo, eval, generate, label); see docs/generation.md."""
+
+    backend: Literal["auto", "hf", "compiled", "vllm"] = Field(
+        "auto",
+        description="hf: transformers' generate. compiled: a static KV cache and a torch.compile'd decoding step "
+        "(CUDA graphs on a GPU). vllm: a vLLM engine on the training GPUs (pip install \"rlhf-cli[vllm]\"). "
+        "auto: compiled on a GPU, hf on CPU.",
+    )
+    prompt_bucket: PositiveInt = Field(
+        32, description="compiled: prompts are left-padded to a multiple of this many tokens, so the compiled step "
+        "sees a few shapes instead of recompiling for every prompt length."
+    )
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0.0, le=1.0, description="vllm: the fraction of each GPU the engine may take (weights + KV cache)."
+    )
+    sleep: bool = Field(
+        True, description="vllm: free the engine's GPU memory while PPO trains, and wake it for the next rollout."
+    )
+
+
 class SamplingSpec(_Strict):
     """How responses are sampled; the keys `eval:` and `generate:` share."""
 
@@ -666,6 +690,7 @@ class LabelSpec(SamplingSpec):
 
 TRAINING_STAGES = ("sft", "rm", "ppo", "dpo", "kto")
 RECIPE_STAGES = (*TRAINING_STAGES, "eval", "generate", "label")
+SAMPLING_STAGES = ("ppo", "eval", "generate", "label")  # the stages that decode responses: `generation:`
 COMMANDS = {"sft": "rlhf sft", "rm": "rlhf train-rm", "ppo": "rlhf ppo", "dpo": "rlhf dpo", "kto": "rlhf kto",
             "eval": "rlhf eval", "generate": "rlhf generate", "label": "rlhf label"}  # fmt: skip
 
@@ -706,6 +731,9 @@ class Recipe(_Strict):
     eval: EvalSpec | None = Field(None, description="eval only: what to evaluate, on which data, how to sample.")
     generate: GenerateSpec | None = Field(None, description="generate only: prompts and sampling.")
     label: LabelSpec | None = Field(None, description="label only: prompts or candidates, sampling, the labeller.")
+    generation: GenerationSpec | None = Field(
+        None, description="ppo, eval, generate and label: how responses are decoded (backend hf | compiled | vllm)."
+    )
     distributed: DistributedSpec = Field(
         default_factory=DistributedSpec, description="How many processes and which DeepSpeed/DDP strategy."
     )
@@ -1137,6 +1165,9 @@ def validate_recipe(raw: dict, stage: str, *, source: str = "recipe", base_dir: 
         raise UserError(f"Recipe {source} has an `ensemble:` section, but it is run as the {stage} stage; "
                         "ensembles are trained by `rlhf train-rm` (score with one through a reward's model or "
                         "models key).")  # fmt: skip
+    if recipe.generation is not None and stage not in SAMPLING_STAGES:
+        raise UserError(f"Recipe {source} has a `generation:` section, but the {stage} stage samples nothing; "
+                        f"`generation:` belongs in a recipe for {', '.join(COMMANDS[s] for s in SAMPLING_STAGES)}.")  # fmt: skip
     if stage == "dpo" and recipe.dpo is None:
         recipe.dpo = DPOSpec()
     if stage == "kto" and recipe.kto is None:

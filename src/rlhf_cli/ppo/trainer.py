@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rlhf_cli.evaluation.alarms import Alarm, AlarmConfig, AlarmMonitor
+from rlhf_cli.generation import Decoder, backend_line, resolve_backend, sampling_options
 from rlhf_cli.guard import DIVERGED_EXIT_CODE, Divergence, divergence_message, non_finite
 from rlhf_cli.interrupts import INTERRUPTED_EXIT_CODE
 from rlhf_cli.models import check_same_vocabulary
@@ -254,6 +255,23 @@ class PPOTrainer:
         self.prompt_texts = prompts["prompt"]
         self.prompt_ids = [list(ids) for ids in prompts["input_ids"]]
         self.timer = PhaseTimer(acc.device)  # a fresh one each step
+        self.decoder = self._make_decoder()
+
+    def _make_decoder(self) -> Decoder:
+        """The rollout's decoding backend (recipe `generation:`); a vLLM engine is made here, once."""
+        cfg, tok = self.config, self.tokenizer
+        policy = self.unwrapped.policy
+        decoder = Decoder(resolve_backend(self.recipe.generation, policy, zero3=self.zero3, what="ppo rollout"),
+                          batch_size=cfg.rollout_batch_size)  # fmt: skip
+        if decoder.name == "vllm":
+            longest = self.recipe.data.max_length + cfg.response_length
+            decoder.vllm_engine(policy, self.accelerator, tok, self._sampling_options(), max_model_length=longest)
+        return decoder
+
+    def _sampling_options(self) -> dict:
+        cfg, tok = self.config, self.tokenizer
+        return sampling_options(max_new_tokens=cfg.response_length, temperature=cfg.temperature, top_p=cfg.top_p,
+                                pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)  # fmt: skip
 
     def _load_models(self, prompts):
         """Tokenizer, policy, critic, reference and reward model. Frozen copies come from memory when they start
@@ -366,8 +384,12 @@ class PPOTrainer:
     @contextmanager
     def _policy_for_generation(self):
         """The bare policy for `generate`. Under ZeRO-3 its parameters are gathered once for the whole generation
-        (and the engine's per-module gather hooks lifted), not fetched again for every new token."""
+        (and the engine's per-module gather hooks lifted), not fetched again for every new token. A vLLM engine
+        holds its own copy of the weights: nothing to gather."""
         policy = self.unwrapped.policy
+        if self.decoder.name == "vllm":
+            yield policy
+            return
         checkpointing = policy.is_activation_checkpointing
         if checkpointing:  # it would turn the KV cache off
             policy.gradient_checkpointing_disable()
@@ -400,12 +422,7 @@ class PPOTrainer:
         timer = self.timer
         query_ids, query_mask = left_pad([self.prompt_ids[i] for i in indices], tok.pad_token_id, acc.device)
         with timer("generate"), self._policy_for_generation() as policy:
-            output = policy.generate(
-                input_ids=query_ids, attention_mask=query_mask, max_new_tokens=cfg.response_length,
-                do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )  # fmt: skip
-        response_ids = output[:, query_ids.shape[1]:]
+            response_ids = self.decoder.generate(policy, query_ids, query_mask, self._sampling_options())
         response_mask = response_mask_from(response_ids, tok.eos_token_id)
         response_ids = response_ids.masked_fill(response_mask == 0, tok.pad_token_id)
         batch = Batch(query_ids, query_mask, response_ids, response_mask)
@@ -572,6 +589,7 @@ class PPOTrainer:
                 indices = prompt_indices(state.step, cfg.rollout_batch_size, acc.num_processes, acc.process_index,
                                          len(self.prompt_ids), self.recipe.seed)  # fmt: skip
                 metrics, batch, scores = self.step(indices)
+                self.decoder.sync_weights()  # vllm: the engine samples the next rollout from the updated policy
                 state.step += 1
                 # Metrics are gathered over every process, so every process reaches the same verdict.
                 diverged = non_finite({key: metrics.get(key) for key in _MUST_BE_FINITE})
@@ -721,6 +739,7 @@ class PPOTrainer:
                 "score (last steps)": sum(r["score"] for r in history[-window:]) / window,
                 "kl (last steps)": sum(r["kl"] for r in history[-window:]) / window,
                 "beta": self.state.beta,
+                "decoding": backend_line(self.decoder),
                 "wall time (s)": round(seconds, 1),
                 "output": str(self.run_dir),
             }

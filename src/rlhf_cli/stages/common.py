@@ -81,6 +81,8 @@ class Stage:
     # `training:` keys this stage sets where the recipe does not (TRL's own default otherwise).
     training_defaults: dict[str, Default] = field(default_factory=dict, hash=False, compare=False)
     sized_cadence: bool = False  # checkpoint, evaluation and log cadence sized to the run (CADENCE), where not set
+    # `training:` keys other recipe sections decide (GRPO/RLOO: the `generation:` backend as TRL's vLLM and cache keys).
+    section_config: Callable[[Recipe], dict] | None = None
 
     @property
     def stage_key(self) -> str:
@@ -145,6 +147,8 @@ def trainer_config_kwargs(stage: Stage, recipe: Recipe, run_dir: Path, plan: Lau
         kwargs[stage.length_key] = recipe.data.max_length
     if plan.deepspeed_config is not None:
         kwargs["deepspeed"] = str(run_dir / DEEPSPEED_CONFIG)
+    if stage.section_config is not None:
+        kwargs.update(stage.section_config(recipe))
     kwargs.update(resolved_defaults(stage, recipe, plan, data))
     # Keep a NaN loss in the logged sum (the filter would log the running mean instead) so the guard sees it.
     kwargs.setdefault("logging_nan_inf_filter", False)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from rlhf_cli.console import show_plan
 from rlhf_cli.errors import UserError
+from rlhf_cli.generation import planned_line
 from rlhf_cli.inference import (
     Responses,
     Scorer,
@@ -433,7 +434,8 @@ def evaluate(inputs: EvalInputs, recipe: Recipe) -> tuple[dict, list[dict]]:
             if main in sections:
                 results["implicit_reward"] = sections[main]
         if inputs.prompts is not None:
-            sections, rows, numbers, head_to_head = evaluate_policy(inputs, spec, recipe.seed, progress)
+            sections, rows, numbers, head_to_head = evaluate_policy(inputs, spec, recipe.seed, progress,
+                                                                     recipe.generation)
             results.update(sections)
             for name, entry in numbers.items():
                 per_policy[name].update(entry)
@@ -492,6 +494,7 @@ def _meta(inputs: EvalInputs, recipe: Recipe) -> dict:
         meta["prompts"] = _source_name(spec.prompts)
         meta["prompts evaluated"] = len(inputs.prompts)
         meta["sampling"] = sampling_line(spec)
+        meta["decoding"] = planned_line(recipe.generation)
         meta["seed"] = recipe.seed
     if inputs.pairs is not None:
         meta["preference pairs"] = _source_name(spec.preferences)
@@ -512,8 +515,8 @@ def _source_name(source) -> str:
     return source.path or source.name
 
 
-def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int,
-                    progress) -> tuple[dict, list[dict], dict[str, dict], list[dict]]:  # fmt: skip
+def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int, progress,
+                    generation=None) -> tuple[dict, list[dict], dict[str, dict], list[dict]]:  # fmt: skip
     """Sample every policy and the reference on the same prompts with the same seeds, score them all, estimate each
     policy's KL to the reference.
 
@@ -533,7 +536,7 @@ def evaluate_policy(inputs: EvalInputs, spec: EvalSpec, seed: int,
     queries = encode_prompts({"prompt": prompts}, tokenizer, budget)
     responses: dict[str, Responses] = {}
     for label, model in models.items():
-        responses[label] = sample(model, tokenizer, queries, spec, seed, progress, f"{label}: sampling")
+        responses[label] = sample(model, tokenizer, queries, spec, seed, progress, f"{label}: sampling", generation)
 
     def scores_of(scorer: Scorer | None, role: str) -> dict[str, list[float]]:
         if scorer is None:
@@ -649,7 +652,7 @@ def overoptimisation_curve(inputs: EvalInputs, recipe: Recipe, progress) -> tupl
         else:
             model, _ = load_causal_lm(companion_spec(recipe.model, str(path)), seed, f"eval.curve snapshot "
                                       f"step-{step}", conversational=conversational, tokenizer=tokenizer)  # fmt: skip
-        answers = sample(model, tokenizer, queries, spec, seed, progress, f"{label}: sampling")
+        answers = sample(model, tokenizer, queries, spec, seed, progress, f"{label}: sampling", recipe.generation)
         policy_lp = sequence_logprobs(model, answers.queries, answers.tokens, pad, spec.batch_size, progress,
                                       f"{label}: log-probs")  # fmt: skip
         reference_lp = policy_lp if path is None else sequence_logprobs(
@@ -1028,6 +1031,7 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
     if spec.prompts is not None:
         plan["prompts"] = f"{_source_name(spec.prompts)} ({spec.num_prompts or 'all'} prompts)"
         plan["sampling"] = sampling_line(spec)
+        plan["decoding"] = planned_line(recipe.generation)
     if spec.preferences is not None:
         plan["preference pairs"] = _source_name(spec.preferences)
         if spec.reference is not None:

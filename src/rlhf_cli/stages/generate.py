@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rlhf_cli.console import show_plan
+from rlhf_cli.generation import planned_line
 from rlhf_cli.inference import (
     choose_prompts,
     completion_field,
@@ -67,7 +68,7 @@ def run_generate(recipe: Recipe, *, output_dir: str | None = None, overwrite: bo
         run.create()
         (run_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
         with progress_bar() as progress:
-            responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling")
+            responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling", recipe.generation)
             scores = None
             if scorer is not None:
                 scores = score(scorer, prompts, responses, max_prompt_length=spec.max_prompt_length,
@@ -89,6 +90,7 @@ def run_generate(recipe: Recipe, *, output_dir: str | None = None, overwrite: bo
             "completions": len(prompts),
             "mean length (tokens)": sum(lengths) / len(lengths),
             "EOS rate": sum(responses.finished) / len(prompts),
+            "decoding": responses.decoding,
         }
         if scores is not None:
             summary["mean score"] = sum(scores) / len(scores)
@@ -106,6 +108,7 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
         "prompts answered": spec.num_prompts or "all",
         "completions per prompt": spec.num_samples,
         "sampling": sampling_line(spec),
+        "decoding": planned_line(recipe.generation),
         "reward": (spec.reward.model or spec.reward.function) if spec.reward else "none",
         "writes": f"{run_dir}/{{{RESOLVED_RECIPE}, {GENERATIONS_FILE}, summary.json}}",
     }

@@ -8,6 +8,8 @@ the group as the baseline instead of a critic:
 
 from __future__ import annotations
 
+from rlhf_cli.errors import UserError
+from rlhf_cli.recipe import Recipe
 from rlhf_cli.stages.common import Stage, TrainerInputs
 
 
@@ -29,6 +31,26 @@ def reward_functions(inputs: TrainerInputs) -> dict:
     return {"reward_funcs": rule_reward}
 
 
+def generation_keys(recipe: Recipe) -> dict:
+    """The recipe's `generation:` as TRL's own config keys: GRPO and RLOO sample with TRL's generation (its vLLM
+    integration included). compiled -> cache_implementation: static (transformers compiles its decoding step on a
+    GPU); vllm -> use_vllm in colocate mode; hf and auto -> TRL's default. A `training:` key that says otherwise
+    is a contradiction, refused."""
+    spec = recipe.generation
+    if spec is None or spec.backend in ("auto", "hf"):
+        return {}
+    if spec.backend == "compiled":
+        keys = {"cache_implementation": "static"}
+    else:
+        keys = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": spec.gpu_memory_utilization,
+                "vllm_enable_sleep_mode": spec.sleep}  # fmt: skip
+    clashes = [key for key, value in keys.items() if key in recipe.training and recipe.training[key] != value]
+    if clashes:
+        raise UserError(f"training.{clashes[0]}: {recipe.training[clashes[0]]!r} contradicts generation.backend: "
+                        f"{spec.backend} (which sets it to {keys[clashes[0]]!r}); remove one of them.")  # fmt: skip
+    return keys
+
+
 def _online_stage(name: str, title: str, config_class: str, trainer_class: str) -> Stage:
     return Stage(
         name=name,
@@ -40,6 +62,7 @@ def _online_stage(name: str, title: str, config_class: str, trainer_class: str) 
         recipe_stage="ppo",
         length_key=None,  # TRL's online configs bound completions (max_completion_length), not whole sequences
         trainer_kwargs=reward_functions,
+        section_config=generation_keys,
     )
 
 

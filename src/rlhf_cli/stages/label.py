@@ -175,7 +175,8 @@ def _sample_items(recipe: Recipe):
     repeated = [prompt for prompt in prompts for _ in range(spec.num_responses)]
     queries = encode_prompts({"prompt": repeated}, tokenizer, prompt_budget(model, spec))
     with progress_bar() as progress:
-        responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling candidates")
+        responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling candidates",
+                           recipe.generation)
     k = spec.num_responses
     items = [Item(f"p{index}", prompt, tuple(responses.texts[n * k:(n + 1) * k]), recipe.model.name_or_path)
              for n, (index, prompt) in enumerate(zip(chosen, prompts))]  # fmt: skip
@@ -375,7 +376,8 @@ def _revise(recipe: Recipe, run: RunDirectory, started: float) -> int:
     run.create()
     (run.path / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
     with progress_bar() as progress:
-        responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling responses")
+        responses = sample(model, tokenizer, queries, spec, recipe.seed, progress, "sampling responses",
+                           recipe.generation)
         rows, report = critique_and_revise(critic, critic_tokenizer, prompts, responses.texts, principles, spec,
                                            recipe.seed, name=labeller.model if labeller and labeller.model
                                            else recipe.model.name_or_path, progress=progress)  # fmt: skip
@@ -392,6 +394,7 @@ def _revise(recipe: Recipe, run: RunDirectory, started: float) -> int:
 
 def _show_plan(recipe: Recipe, run_dir: Path) -> None:
     from rlhf_cli.console import show_plan
+    from rlhf_cli.generation import planned_line
     from rlhf_cli.inference import sampling_line
 
     spec = recipe.label
@@ -403,6 +406,7 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
         "prompts" if spec.prompts else "candidates": source.path or source.name,
         "candidates per prompt": spec.num_responses if spec.prompts else "as in the file",
         "sampling": sampling_line(spec) if spec.prompts else "none",
+        "decoding": planned_line(recipe.generation) if spec.prompts else "none",
         "labeller": "none (critique and revise)" if labeller is None else labeller.type,
         "pairs": spec.pairs,
         "writes": f"{run_dir}/{{{CANDIDATES_FILE}, "

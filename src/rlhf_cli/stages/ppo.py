@@ -53,11 +53,13 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
     if dry_run:
         import yaml
         from rlhf_cli.console import make_console
+        from rlhf_cli.generation import planned_line
 
         console = make_console()
         console.print("[bold]PPO[/] — rlhf_cli.ppo.PPOConfig:")
         console.print(yaml.safe_dump(asdict(config), sort_keys=False), markup=False)
         console.print(yaml.safe_dump({"ppo": recipe.ppo.model_dump()}, sort_keys=False), markup=False)
+        console.print(f"Decoding: {planned_line(recipe.generation)}", markup=False)
         show_launch(plan)
         return 0
     with RunDirectory(run_dir, overwrite=overwrite, resume=resume) as run:
