@@ -298,3 +298,114 @@ def test_tiny_iterative_recipe_end_to_end_then_skipped(tmp_path):
     run_iterative(out)
     assert {row["this run"] for row in json.loads((out / "summary.json").read_text())} == {"skipped (unchanged)"}
     assert json.loads((out / "pipeline.json").read_text()) == state
+
+
+# ---------------------------------------------------------------- small rounds end to end (each well under 2 min)
+
+
+def tiny_changes(names=("sft", "label", "rm", "ppo", "eval"), labeller=None, prompts=4, responses=2) -> dict:
+    """Stage sections cut down so that a round trains in seconds: 32 demonstrations, 2 PPO steps, 8 eval prompts."""
+    def data(name, limit):
+        return {**copy.deepcopy(SECTIONS[name]["data"]),
+                "train": {**SECTIONS[name]["data"]["train"], "limit": limit}}  # fmt: skip
+
+    label = {**copy.deepcopy(SECTIONS["label"]["label"]), "num_prompts": prompts, "num_responses": responses,
+             "max_new_tokens": 8, **({"labeller": labeller} if labeller else {})}  # fmt: skip
+    changes = {
+        "sft": {"data": data("sft", 32), "training": {**SECTIONS["sft"]["training"], "num_train_epochs": 1}},
+        "label": {"label": label},
+        "rm": {"data": data("rm", 32), "training": {**SECTIONS["rm"]["training"], "num_train_epochs": 1}},
+        "ppo": {"training": {**SECTIONS["ppo"]["training"], "steps": 2, "rollout_batch_size": 8, "mini_batch_size": 8,
+                             "sample_every": 2, "save_steps": 2}},  # fmt: skip
+        "dpo": {"data": data("rm", 32), "training": {"num_train_epochs": 1, "per_device_train_batch_size": 16}},
+        "eval": {"eval": {**SECTIONS["eval"]["eval"], "prompts": {**SECTIONS["eval"]["eval"]["prompts"], "limit": 8},
+                          "preferences": {**SECTIONS["eval"]["eval"]["preferences"], "limit": 16},
+                          "max_new_tokens": 8}},  # fmt: skip
+    }
+    return {name: section for name, section in changes.items() if name in names}
+
+
+def run_pipeline(recipe: str, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([*RLHF, "pipeline", recipe, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, f"pipeline failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def at_a_terminal(command: list[str], answers: list[bytes], timeout_s: float = 300.0) -> tuple[int, str]:
+    """Run `command` on a pseudo-terminal (stdin, stdout and stderr), typing each of `answers` when the labelling
+    prompt `answer> ` shows, as a person would; (exit status, what the terminal showed, colours taken out)."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # wide: a table row on one line
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "xterm"}
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env)
+    os.close(slave)
+    screen = b""
+
+    def read(until: bytes | None = None) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + timeout_s
+        while until is None or not screen.rstrip(b" ").endswith(until):
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {until!r} on the terminal in {timeout_s} s; it shows: {screen[-1500:]!r}")
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the process ended and closed its side
+                chunk = b""
+            if not chunk:
+                if until is not None:
+                    raise AssertionError(f"the process ended before {until!r}; it showed: {screen[-3000:]!r}")
+                return
+            screen += chunk
+
+    try:
+        for answer in answers:
+            read(until=b"answer>")
+            os.write(master, answer)
+        read()
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_a_human_labeller_pauses_the_round_at_a_terminal_and_the_same_command_goes_on(tmp_path):
+    names = ("sft", "label", "rm", "ppo")  # no eval: the round goes on once it is labelled, that is all we check
+    recipe = write_rounds(tmp_path, names=names, rounds=1,
+                          changes=tiny_changes(names, labeller={"type": "human"}, prompts=3))  # fmt: skip
+    out = tmp_path / "out"
+    command = [*RLHF, "pipeline", recipe, "--annotator", "ana"]
+    code, screen = at_a_terminal(command, [b"1\n", b"q\n"])
+    assert code == 0, screen[-3000:]  # a pause is not a failure
+    assert "[1/3] answer>" in screen and "[2/3] answer>" in screen
+    assert "paused (2 questions open)" in screen and "Pipeline paused at round-1.label" in screen
+    state = json.loads((out / "pipeline.json").read_text())
+    assert state["sft"]["status"] == "done" and state["round-1.label"]["status"] == "started"
+    assert list(state) == ["sft", "round-1.label"] and not (out / "round-1" / "data").exists()
+
+    code, screen = at_a_terminal(command, [b"2\n", b"t\n"])
+    assert code == 0, screen[-3000:]
+    assert "answer>" in screen and "paused" not in screen
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state) == ["sft", "round-1.label", "round-1.rm", "round-1.ppo"]
+    assert all(entry["status"] == "done" for entry in state.values())
+    rows = {row["stage"]: row["this run"] for row in json.loads((out / "summary.json").read_text())}
+    assert rows == {"sft": "skipped (unchanged)", "round-1.label": "resumed", "round-1.rm": "ran", "round-1.ppo": "ran"}
+    assert (out / "round-1" / "ppo" / "model.safetensors").is_file()
+    answers = [json.loads(line) for line in (out / "round-1" / "label" / "answers.jsonl").read_text().splitlines()]
+    assert len({row["item_id"] for row in answers[1:]}) == len(answers) - 1 == 3  # each once, across both sessions
+    counts = json.loads((out / "round-1" / "data" / "summary.json").read_text())["rows per round"]
+    assert counts == {"0": 32, "1": 2}  # the rm stage's 32 seed rows (data.train.limit); the tie is left out
