@@ -409,3 +409,49 @@ def test_a_human_labeller_pauses_the_round_at_a_terminal_and_the_same_command_go
     assert len({row["item_id"] for row in answers[1:]}) == len(answers) - 1 == 3  # each once, across both sessions
     counts = json.loads((out / "round-1" / "data" / "summary.json").read_text())["rows per round"]
     assert counts == {"0": 32, "1": 2}  # the rm stage's 32 seed rows (data.train.limit); the tie is left out
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_rounds_that_continue_the_reward_model_end_to_end(tmp_path):
+    names = ("sft", "label", "rm", "ppo")
+    recipe = write_rounds(tmp_path, names=names, rounds={"count": 2, "reward_model": "continue"},
+                          changes=tiny_changes(names))  # fmt: skip
+    out = tmp_path / "out"
+    assert "sft -> 2 rounds of (label -> rm -> ppo)" in run_pipeline(recipe).stdout
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state) == ["sft", *(f"round-{k}.{kind}" for k in (1, 2) for kind in ("label", "rm", "ppo"))]
+    assert all(entry["status"] == "done" for entry in state.values())
+
+    def recipe_of(stage):
+        return yaml.safe_load((out / stage / "recipe.yaml").read_text())
+
+    assert recipe_of("round-1/rm")["model"]["name_or_path"] == str(out / "sft")
+    assert recipe_of("round-2/rm")["model"]["name_or_path"] == str(out / "round-1" / "rm")  # continued
+    assert recipe_of("round-2/rm")["data"]["train"]["path"] == str(out / "round-2" / "data" / "preferences.jsonl")
+    assert recipe_of("round-2/ppo")["ppo"]["reward"]["model"] == str(out / "round-2" / "rm")
+    assert (out / "round-2" / "rm" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_rounds_on_the_dpo_route_end_to_end(tmp_path):
+    names = ("sft", "label", "dpo")
+    recipe = write_rounds(tmp_path, names=names, changes=tiny_changes(names))
+    out = tmp_path / "out"
+    assert "sft -> 2 rounds of (label -> dpo)" in run_pipeline(recipe).stdout
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state) == ["sft", *(f"round-{k}.{kind}" for k in (1, 2) for kind in ("label", "dpo"))]
+    assert all(entry["status"] == "done" for entry in state.values())
+    for k, policy_before in ((1, out / "sft"), (2, out / "round-1" / "dpo")):
+        label = yaml.safe_load((out / f"round-{k}" / "label" / "recipe.yaml").read_text())
+        dpo = yaml.safe_load((out / f"round-{k}" / "dpo" / "recipe.yaml").read_text())
+        assert label["model"]["name_or_path"] == str(policy_before)  # the round samples from its policy
+        assert dpo["model"]["name_or_path"] == str(policy_before) and dpo["dpo"]["ref_model"] == str(out / "sft")
+        assert dpo["data"]["train"]["path"] == str(out / f"round-{k}" / "data" / "preferences.jsonl")
+        assert (out / f"round-{k}" / "dpo" / "model.safetensors").is_file()
+        counts = json.loads((out / f"round-{k}" / "data" / "summary.json").read_text())["rows per round"]
+        labelled = len((out / f"round-{k}" / "label" / "preferences.jsonl").read_text().splitlines())
+        assert counts["0"] == 32 and counts.get(str(k), 0) == labelled  # the dpo stage's seed rows, then the round's
+    run_pipeline(recipe)  # finished rounds are skipped
+    assert {row["this run"] for row in json.loads((out / "summary.json").read_text())} == {"skipped (unchanged)"}
