@@ -74,14 +74,6 @@ def stand_ins(recipe: Path, local_model: str) -> list[str]:
             for arg in ("--set", f"{key}={local_model}")]  # fmt: skip
 
 
-def xfail_on_known_ppo_note_bug(text: str) -> None:
-    """stages/ppo.py imports make_console inside run_ppo's dry-run branch, after the hardware note has used the name:
-    every PPO dry run that prints a note (a multi-GPU recipe on a machine without a GPU) ends in UnboundLocalError."""
-    if "UnboundLocalError" in text and "make_console" in text:
-        pytest.xfail("known bug in src/rlhf_cli/stages/ppo.py: a local `from rlhf_cli.console import make_console` "
-                     "in run_ppo's dry-run branch shadows the module import used by the hardware note")
-
-
 def needs_shared(recipe: Path) -> None:
     if "../shared/" in recipe.read_text(encoding="utf-8") and not SHARED.is_dir():
         pytest.skip(f"{recipe.name} reads its model and data from {SHARED}, which is absent (a standalone clone)")
@@ -174,7 +166,6 @@ def test_dry_run_offline(recipe, local_model, tmp_path):
     overrides = stand_ins(recipe, local_model)
     out = tmp_path / "run"
     code, text = invoke(COMMANDS[spec["stage"]].split()[1], str(recipe), "--dry-run", "-o", str(out), *overrides)
-    xfail_on_known_ppo_note_bug(text)
     check_hardware_line(recipe, code, text)
     if code != 0:
         return  # a machine with too few GPUs refused it, as checked above

@@ -52,7 +52,6 @@ def run_ppo(recipe: Recipe, *, output_dir=None, overwrite=False, resume=False, d
     plan = plan_launch(recipe, "ppo", "PPOConfig", run_dir, hardware, resume=resume, cli_argv=cli_argv)
     if dry_run:
         import yaml
-        from rlhf_cli.console import make_console
         from rlhf_cli.generation import planned_line
 
         console = make_console()
