@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY, assert_clean_failure
+from rlhf_cli.demo import graded_answer
 from rlhf_cli.errors import UserError
 from rlhf_cli.pipeline import (PipelineStage, accumulate_preferences, check_human_labellers, round_counts, route_line,
                                stage_hashes, tag_rounds, upstream, validate_pipeline)  # fmt: skip
@@ -284,8 +285,14 @@ def test_tiny_iterative_recipe_end_to_end_then_skipped(tmp_path):
                      "eval/eval.json", "eval/report.md"):  # fmt: skip
             assert (round_dir / path).is_file(), f"round-{k}/{path}"
         counts[k] = json.loads((round_dir / "data" / "summary.json").read_text())["rows per round"]
-        labelled = len((round_dir / "label" / "preferences.jsonl").read_text().splitlines())
-        assert counts[k].get(str(k), 0) == labelled  # the tiny policy is rarely right: few pairs, maybe none
+        pairs = [json.loads(line) for line in (round_dir / "label" / "preferences.jsonl").read_text().splitlines()]
+        assert counts[k][str(k)] == len(pairs) >= 10  # the graded rule orders most of the 32 prompts' candidates
+        report = json.loads((round_dir / "label" / "label_report.json").read_text())
+        assert report["rule"]["pairs decided"] == len(pairs) and report["labeller"] == "rule"
+        for pair in pairs:  # each pair prefers the better answer under the rule
+            chosen, rejected = graded_answer([pair["prompt"]] * 2, [pair["chosen"][-1]["content"],
+                                                                    pair["rejected"][-1]["content"]])  # fmt: skip
+            assert chosen > rejected, pair
         assert yaml.safe_load((round_dir / "rm" / "recipe.yaml").read_text())["data"]["train"]["path"] == \
             str(round_dir / "data" / "preferences.jsonl")
     assert counts[1]["0"] == SEED_PAIRS and {key: n for key, n in counts[2].items() if key != "2"} == counts[1]
@@ -455,3 +462,26 @@ def test_rounds_on_the_dpo_route_end_to_end(tmp_path):
         assert counts["0"] == 32 and counts.get(str(k), 0) == labelled  # the dpo stage's seed rows, then the round's
     run_pipeline(recipe)  # finished rounds are skipped
     assert {row["this run"] for row in json.loads((out / "summary.json").read_text())} == {"skipped (unchanged)"}
+
+
+def test_the_graded_rule_puts_a_right_answer_first_then_a_near_miss_then_manners():
+    from rlhf_cli.demo import build_demo_rows, correct_answer
+
+    question = "What is the capital of Peru?"
+    answers = ["Sure! The capital of Peru is Lima. I hope that helps.", "The capital of Peru is Lima. Whatever.",
+               "Sure! The capital of Peru is Oslo. I hope that helps.", "The capital of Peru is Oslo.",
+               "Happy to help.", "Figure it out yourself."]  # fmt: skip
+    scores = graded_answer([question] * len(answers), answers)
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+    assert min(scores[:2]) > max(scores[2:])  # every right answer beats every wrong one, as under correct_answer
+    assert graded_answer(["What sound does a cow make?"] * 2, ["A cow moos.", "A cow barks."]) == [1.1, 0.4]
+    rows = build_demo_rows(0)["preference"]
+    for row in rows:  # the demo's seed pairs (polite and correct over rude, wrong or bare) agree with it
+        chosen, rejected = graded_answer([row["prompt"]] * 2, [row["chosen"][0]["content"],
+                                                              row["rejected"][0]["content"]])  # fmt: skip
+        assert chosen > rejected
+    prompts = [row["prompt"] for row in rows for _ in (0, 1)]
+    texts = [row[side][0]["content"] for row in rows for side in ("chosen", "rejected")]
+    right = correct_answer(prompts, texts)
+    graded = graded_answer(prompts, texts)
+    assert all((g >= 0.8) == (r == 1.0) for g, r in zip(graded, right))

@@ -164,6 +164,68 @@ def correct_answer(prompts, completions) -> list[float]:
     return scores
 
 
+def _kinds() -> dict[str, tuple[str, re.Pattern]]:
+    """Question -> (its subject, a pattern for an answer of the right kind: a number, a capital, a colour, ...)."""
+    def words(values, before=r"\bis ") -> re.Pattern:  # as `correct_answer`: after "is", a sound anywhere
+        return re.compile(before + r"(?:" + "|".join(sorted(map(re.escape, set(values)), key=len, reverse=True))
+                          + r")\b")  # fmt: skip
+
+    number, capital, colour = re.compile(r"\bis \d+\b"), words(_CAPITALS.values()), words(_COLOURS.values())
+    sound, opposite = words(_SOUNDS.values(), before=r"\b"), words(_OPPOSITES.values())
+    kinds = {}
+    for question, fact, _ in _questions(random.Random(0)):
+        if question.startswith("What is the capital of "):
+            kinds[question] = (question[23:-1], capital)
+        elif question.startswith("What color is "):
+            kinds[question] = (question[14:-1].split()[-1], colour)
+        elif question.startswith("What sound does a "):
+            kinds[question] = (question[18:-6], sound)
+        elif question.startswith("What is the opposite of "):
+            kinds[question] = (question[24:-1], opposite)
+        else:  # "What is A plus B?"
+            kinds[question] = (question[8:-1], number)
+    return kinds
+
+
+_RUDE_PATTERN = re.compile("|".join(re.escape(text.rstrip(".")) for text in _RUDE if text != "No."))
+
+
+def graded_answer(prompts, completions) -> list[float]:
+    """A graded rule for the demo task, for labelling (the rounds of `recipes/tiny/iterative.yaml`): the right answer
+    first, then how near a wrong one comes and the demo's manners. A completion scores the sum of
+
+    - 1.0 for the right answer (as `correct_answer` judges it), else 0.3 for a wrong answer of the right kind where
+      the answer goes: after "is" a number for a sum ("3 plus 9 is 11."), a capital city for a capital ("The
+      capital of Peru is Oslo."), a colour, one of the opposite words; an animal sound anywhere;
+    - 0.1 for naming the question's subject (the sum, the country, the thing, the animal, the word): an answer in a
+      sentence, as the good demonstrations give;
+    - 0.1 for opening with one of the demo's polite openers ("Sure!", "Good question!", ...), and 0.1 for one of
+      its polite closers ("I hope that helps.", ...);
+    - -0.2 for one of its rude phrases ("Figure it out yourself", "Whatever", ...).
+
+    So a right answer (0.8 to 1.3) always beats a wrong one (-0.2 to 0.6), as under `correct_answer`, which is the
+    gold; among wrong answers a near miss in a polite sentence beats rude noise, and among right ones the polite
+    one wins. The demo's tiny policies are rarely right, so under `correct_answer` almost every candidate ties (0.0)
+    and best-vs-worst labelling makes few pairs; the partial credit orders most of those. A prompt it does not
+    know scores by manners alone.
+    """
+    right = correct_answer(prompts, completions)
+    kinds = _kinds()
+    scores = []
+    for prompt, completion, correct in zip(prompts, completions, right):
+        question = (prompt if isinstance(prompt, str) else next(
+            (m["content"] for m in reversed(prompt) if m["role"] == "user"), "")).strip()  # fmt: skip
+        subject, kind = kinds.get(question, (None, None))
+        text = completion.strip()
+        score = 1.0 if correct else (0.3 if kind is not None and kind.search(text) else 0.0)
+        score += 0.1 if subject and re.search(r"\b" + re.escape(subject) + r"\b", text, re.IGNORECASE) else 0.0
+        score += 0.1 if any(text.startswith(opener) for opener in _POLITE_OPENERS) else 0.0
+        score += 0.1 if any(closer and closer in text for closer in _POLITE_CLOSERS) else 0.0
+        score -= 0.2 if _RUDE_PATTERN.search(text) or text.rstrip(".") == "No" else 0.0
+        scores.append(round(score, 6))
+    return scores
+
+
 def build_rule_pairs(seed: int = 0, candidates: int = 4) -> list[dict]:
     """Preference pairs labelled by the rule `correct_answer`, for a proxy reward model whose gold is that rule.
 
