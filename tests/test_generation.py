@@ -208,6 +208,8 @@ def test_a_generation_section_where_nothing_samples_is_refused(tmp_path):
     assert_clean_failure(["recipe", "validate", str(bad)], "generation.backend")
 
 
+@pytest.mark.slow
+@pytest.mark.extended
 def test_generate_with_compiled_decoding_end_to_end(tmp_path):
     """`rlhf generate` with `generation: {backend: compiled}` on CPU: greedy answers equal hf's, the plan says how."""
     from typer.testing import CliRunner
@@ -228,3 +230,22 @@ def test_generate_with_compiled_decoding_end_to_end(tmp_path):
         outputs[backend] = [json.loads(line)["completion"] for line in
                             (tmp_path / backend / "generations.jsonl").read_text().splitlines()]  # fmt: skip
     assert outputs["compiled"] == outputs["hf"] and len(outputs["hf"]) == 6
+
+
+def test_a_pipelines_top_level_generation_reaches_only_the_stages_that_sample(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    text = (TINY / "pipeline.yaml").read_text().replace("\nstages:", "\ngeneration: {backend: compiled}\nstages:", 1)
+    text = text.replace("path: data/", f"path: {TINY / 'data'}/")
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(text + "\n")
+    result = CliRunner().invoke(app, ["recipe", "show", str(recipe), "--set", "stages.eval.generation={prompt_bucket: 8}"])
+    assert result.exit_code == 0, result.output
+    documents = {document["stage"]: document for document in yaml.safe_load_all(result.output)}
+    assert set(documents) == {"sft", "rm", "ppo", "eval"}
+    assert documents["sft"]["generation"] is None and documents["rm"]["generation"] is None
+    assert documents["ppo"]["generation"]["backend"] == "compiled" and documents["ppo"]["generation"]["prompt_bucket"] == 32
+    assert documents["eval"]["generation"]["backend"] == "compiled" and documents["eval"]["generation"]["prompt_bucket"] == 8

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_cli.errors import UserError
-from rlhf_cli.recipe import (COMMANDS, DataSource, Recipe, apply_overrides, read_recipe_file, recipe_to_yaml,
-                             validate_recipe)  # fmt: skip
+from rlhf_cli.recipe import (COMMANDS, SAMPLING_STAGES, DataSource, Recipe, apply_overrides, read_recipe_file,
+                             recipe_to_yaml, validate_recipe)  # fmt: skip
 
 STAGE_ORDER = ("sft", "rm", "ppo", "dpo", "kto", "eval")  # the order stages run in, whichever route
 POLICY_STAGES = ("ppo", "dpo", "kto")  # the stages that turn the SFT policy into the aligned one
-SHARED_KEYS = ("model", "distributed", "seed", "report_to")
+SHARED_KEYS = ("model", "distributed", "seed", "report_to", "generation")  # generation: the sampling stages only
 STATE_FILE = "pipeline.json"
 ROUTES = {  # route name (its policy stages joined by +): the stages it runs; eval is optional in each
     "ppo": "sft -> rm -> ppo -> eval (rm may be left out when stages.ppo.ppo.reward.function is a rule reward)",
@@ -170,6 +170,8 @@ def wired_stage_raw(name: str, section: dict, shared: dict, out: Path, present=(
     pipeline's stages (the eval's wiring depends on the route); by default the sft -> rm -> ppo -> eval route."""
     outputs = {stage: placeholder(stage) for stage in STAGE_ORDER}
     base: dict = {key: shared[key] for key in ("distributed", "seed", "report_to") if key in shared}
+    if "generation" in shared and name in SAMPLING_STAGES:
+        base["generation"] = copy.deepcopy(shared["generation"])
     if name == "sft":
         base["model"] = copy.deepcopy(shared.get("model", {}))
     elif name in ("rm", "dpo", "kto"):  # dpo/kto: the SFT policy is also their default reference
@@ -320,6 +322,11 @@ def round_stages(raw: dict, sections: dict, route: str, rounds: dict, out: Path,
     def build(name: str, kind: str, base: dict) -> Recipe:
         section = sections.get(kind) or {}
         stage_raw = _deep_merge({**copy.deepcopy(shared), **base}, section)
+        if "generation" in raw and kind in SAMPLING_STAGES:
+            own = section.get("generation")
+            stage_raw["generation"] = (_deep_merge(copy.deepcopy(raw["generation"]), own)
+                                       if isinstance(raw["generation"], dict) and isinstance(own, dict)
+                                       else copy.deepcopy(own if own is not None else raw["generation"]))  # fmt: skip
         stage_raw.update({"stage": kind, "output_dir": str(stage_dir(out, name))})
         if "model" in section and section["model"] is None:
             stage_raw["model"] = base["model"]
