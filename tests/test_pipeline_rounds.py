@@ -485,3 +485,16 @@ def test_the_graded_rule_puts_a_right_answer_first_then_a_near_miss_then_manners
     right = correct_answer(prompts, texts)
     graded = graded_answer(prompts, texts)
     assert all((g >= 0.8) == (r == 1.0) for g, r in zip(graded, right))
+
+
+def test_a_dry_run_of_the_iterative_recipe_plans_every_round_and_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pipeline", ITERATIVE, "--dry-run", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "round-1/data/preferences.jsonl does not exist yet" in " ".join(result.output.split())
+    assert str(out / "round-2" / "eval") in result.output and "Dry run: nothing was started or written." in result.output
+    assert not out.exists()

@@ -270,9 +270,12 @@ def dry_run_data(stage: Stage, recipe: Recipe, plan: LaunchPlan) -> tuple[StageD
     is not downloaded); returns the data (None when not read) and lines saying what rlhf-cli decided from it."""
     sources = [recipe.data.train, recipe.data.eval]
     data, lines = None, []
+    not_yet = [source.path for source in sources if source is not None and source.path and not Path(source.path).exists()]
     if any(source is not None and source.path is None for source in sources):
         lines.append("step counts: hub data is not read in a dry run, so the run sizes save_steps, eval_steps and "
                      "logging_steps from the rows it reads")  # fmt: skip
+    elif not_yet:  # a pipeline's earlier stage writes it (a round's accumulated pairs)
+        lines.append(f"hold-out and step counts: not checked in this dry run: {not_yet[0]} does not exist yet")
     else:
         try:
             data = load_stage_data(stage, recipe, notes=False)
