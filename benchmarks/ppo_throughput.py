@@ -27,9 +27,9 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-SHARED = REPO.parent / "shared"
-GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
+sys.path.insert(0, str(HERE))
+from _bench_common import emit, keep_stdout_for_results, load_benchmark_tokenizer  # noqa: E402
+
 ANCHOR = "trl-1.12"
 ANCHOR_TRL = "trl==1.12.0"
 DEFAULT_VENV = HERE / ".venv-trl112"
@@ -64,24 +64,6 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------ models and data
 
 
-def load_benchmark_tokenizer(kind: str):
-    """(tokenizer, description, minimum model vocab). Every tokenizer gets a pad token distinct from EOS."""
-    if kind == "gpt2" and (GPT2_TOKENIZER / "vocab.json").is_file():
-        from transformers import GPT2Tokenizer
-
-        # vocab=/merges= (not vocab_file=/merges_file=, which transformers 5 silently ignores)
-        tokenizer = GPT2Tokenizer(vocab=str(GPT2_TOKENIZER / "vocab.json"), merges=str(GPT2_TOKENIZER / "merges.txt"))
-        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-        return tokenizer, f"GPT-2 BPE from {GPT2_TOKENIZER} + <|pad|> ({len(tokenizer)} tokens)", len(tokenizer)
-    from rlhf_cli.models import build_builtin_tokenizer
-
-    tokenizer = build_builtin_tokenizer(1024)
-    if kind == "gpt2":  # no shared files: keep GPT-2's embedding/LM-head shape with the small tokenizer
-        log(f"{GPT2_TOKENIZER} not found: gpt2-124m uses the builtin tokenizer with a 50257-row embedding")
-        return tokenizer, f"builtin BPE ({len(tokenizer)} tokens), model vocab padded to 50257", 50257
-    return tokenizer, f"builtin BPE ({len(tokenizer)} tokens)", len(tokenizer)
-
-
 def make_prompts(tokenizer, count: int, length: int, seed: int) -> list[str]:
     """`count` plain-text prompts of exactly `length` tokens each: sequences of single-token words."""
     rng = random.Random(seed)
@@ -107,7 +89,7 @@ def build_assets(name: str, settings: dict, target: Path) -> dict:
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    tokenizer, tokenizer_text, vocab = load_benchmark_tokenizer(settings["tokenizer"])
+    tokenizer, tokenizer_text, vocab = load_benchmark_tokenizer(settings["tokenizer"], log)
     shape = {key: settings[key] for key in ("n_layer", "n_embd", "n_head", "n_positions")}
     ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
@@ -295,26 +277,6 @@ def summarise(result: dict, config: str, spec: dict, model: dict, extra: dict) -
         "versions": result["versions"],
         **extra,
     }
-
-
-RESULTS = sys.stdout  # replaced in main() by a private copy of the real stdout
-
-
-def keep_stdout_for_results() -> None:
-    """Point file descriptor 1 at stderr for everything else (libraries that print, e.g. DeepSpeed's accelerator
-    notice on import, and child processes), keeping a private handle on the real stdout for the JSON lines."""
-    global RESULTS
-    sys.stdout.flush()
-    RESULTS = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-
-
-def emit(line: dict, out_file: Path | None) -> None:
-    text = json.dumps(line)
-    print(text, file=RESULTS, flush=True)
-    if out_file:
-        with out_file.open("a", encoding="utf-8") as handle:
-            handle.write(text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
