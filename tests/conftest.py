@@ -9,10 +9,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # GPU machine. RLHF_TEST_GPU=1 leaves the GPUs visible.
 if not os.environ.get("RLHF_TEST_GPU"):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Output is read as a pipe reads it (rlhf_cli.console: one long line per message); a COLUMNS inherited from a terminal
+# or set by pytest-xdist's workers (80) would wrap long paths. A test that wants a width sets it itself.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -61,3 +67,14 @@ def assert_clean_failure(args: list[str], *fragments: str, out: Path | None = No
     if out is not None:
         assert not out.exists(), f"{out} was left behind"
     return flat
+
+
+RLHF = [sys.executable, "-m", "rlhf_cli.cli"]  # the real command in a fresh process, as a user runs it
+
+
+def rlhf(*args: str, check: bool = True, input: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `rlhf ARGS` from the repository root; with `check`, a non-zero exit fails the test with both streams."""
+    result = subprocess.run([*RLHF, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, input=input)
+    if check and result.returncode != 0:
+        raise AssertionError(f"rlhf {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

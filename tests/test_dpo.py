@@ -5,24 +5,15 @@ import inspect
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, assert_clean_failure
+from conftest import REPO, RLHF, TINY, assert_clean_failure, rlhf
 from rlhf_cli.lengths import Encoded, check_prompted
 from rlhf_cli.stages.dpo import likelihood_displacement
 
-RLHF = [sys.executable, "-m", "rlhf_cli.cli"]
-
-
-def rlhf(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([*RLHF, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check and result.returncode != 0:
-        raise AssertionError(f"rlhf {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def summary(run_dir: Path) -> dict:

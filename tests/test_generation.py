@@ -199,7 +199,7 @@ def test_grpo_and_rloo_get_trls_own_keys():
 
 def test_a_generation_section_where_nothing_samples_is_refused(tmp_path):
     recipe = tmp_path / "sft.yaml"
-    recipe.write_text((TINY / "sft.yaml").read_text().replace(f"\nmodel:", "\ngeneration: {backend: hf}\nmodel:", 1))
+    recipe.write_text((TINY / "sft.yaml").read_text().replace("\nmodel:", "\ngeneration: {backend: hf}\nmodel:", 1))
     assert_clean_failure(["recipe", "validate", str(recipe)], "`generation:` section, but the sft stage samples "
                          "nothing")  # fmt: skip
     bad = tmp_path / "gen.yaml"

@@ -6,22 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, assert_clean_failure
+from conftest import REPO, RLHF, TINY, assert_clean_failure, rlhf
 
-RLHF = [sys.executable, "-m", "rlhf_cli.cli"]
-
-
-def rlhf(*args: str, check: bool = True, input: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([*RLHF, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, input=input)
-    if check and result.returncode != 0:
-        raise AssertionError(f"rlhf {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def read_jsonl(path: Path) -> list[dict]:
