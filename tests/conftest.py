@@ -78,3 +78,53 @@ def rlhf(*args: str, check: bool = True, input: str | None = None, timeout: int 
     if check and result.returncode != 0:
         raise AssertionError(f"rlhf {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def at_a_terminal(command: list[str], answers: list[bytes], timeout_s: float = 300.0,
+                  columns: int = 200) -> tuple[int, str]:  # fmt: skip
+    """Run `command` on a pseudo-terminal (stdin, stdout and stderr), typing each of `answers` when the labelling
+    prompt `answer> ` shows, as a person would; (exit status, what the terminal showed, colours taken out)."""
+    import fcntl
+    import os
+    import pty
+    import re
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))  # wide: a table row on one line
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1", "TERM": "xterm"}
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env)
+    os.close(slave)
+    screen = b""
+
+    def read(until: bytes | None = None) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + timeout_s
+        while until is None or not screen.rstrip(b" ").endswith(until):
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"no {until!r} on the terminal in {timeout_s} s; it shows: {screen[-1500:]!r}")
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the process ended and closed its side
+                chunk = b""
+            if not chunk:
+                if until is not None:
+                    raise AssertionError(f"the process ended before {until!r}; it showed: {screen[-3000:]!r}")
+                return
+            screen += chunk
+
+    try:
+        for answer in answers:
+            read(until=b"answer>")
+            os.write(master, answer)
+        read()
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))

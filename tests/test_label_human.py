@@ -9,6 +9,8 @@ import sys
 import time
 
 import pytest
+
+from conftest import at_a_terminal
 from rich.console import Console
 
 from rlhf_cli.errors import UserError
@@ -359,44 +361,12 @@ def test_terminal_mode_draws_the_conversation_candidates_keys_and_guidelines(tmp
 @pytest.mark.slow
 def test_a_real_terminal_session(tmp_path):
     """The session on a pseudo-terminal: sys.stdin is a tty, answers are read with line editing (input())."""
-    import pty
-    import select
-
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     path = tmp_path / "answers.jsonl"
-    master, slave = pty.openpty()
-    process = subprocess.Popen([sys.executable, str(driver), str(path)], stdin=slave, stdout=slave, stderr=slave,
-                               env={**os.environ, "COLUMNS": "100"})  # fmt: skip
-    os.close(slave)
-    screen = b""
-
-    def read(until=None, timeout_s=30.0):
-        nonlocal screen
-        deadline = time.monotonic() + timeout_s
-        while until is None or not screen.endswith(until):
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise AssertionError(f"no {until!r} on the terminal in {timeout_s} s; it shows: {screen[-500:]!r}")
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the session ended and closed its side
-                chunk = b""
-            if not chunk:
-                return
-            screen += chunk
-
-    try:
-        for answer in (b"2\n", b"x\n", b"t\n", b"q\n"):
-            read(until=b"answer> ")  # type when the prompt shows, as a person would
-            os.write(master, answer)
-        read()
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(master)
-    text = screen.decode("utf-8", "replace")
+    code, text = at_a_terminal([sys.executable, str(driver), str(path)], [b"2\n", b"x\n", b"t\n", b"q\n"],
+                               timeout_s=30.0, columns=100)  # fmt: skip
+    assert code == 0, text[-3000:]
     assert "question 0" in text and "answer 0.1" in text and "[2/10] answer> " in text
     assert "is not an answer" in text and "answered 2 remaining 8" in text
     assert outcomes(path) == {("p0", 0, 1): "b", ("p1", 0, 1): "tie"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY, assert_clean_failure
+from conftest import REPO, TINY, assert_clean_failure, at_a_terminal
 from rlhf_cli.demo import graded_answer
 from rlhf_cli.errors import UserError
 from rlhf_cli.pipeline import (PipelineStage, accumulate_preferences, check_human_labellers, round_counts, route_line,
@@ -336,55 +336,6 @@ def run_pipeline(recipe: str, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([*RLHF, "pipeline", recipe, *args], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, f"pipeline failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def at_a_terminal(command: list[str], answers: list[bytes], timeout_s: float = 300.0) -> tuple[int, str]:
-    """Run `command` on a pseudo-terminal (stdin, stdout and stderr), typing each of `answers` when the labelling
-    prompt `answer> ` shows, as a person would; (exit status, what the terminal showed, colours taken out)."""
-    import fcntl
-    import os
-    import pty
-    import re
-    import select
-    import struct
-    import termios
-    import time
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # wide: a table row on one line
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "xterm"}
-    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, cwd=REPO, env=env)
-    os.close(slave)
-    screen = b""
-
-    def read(until: bytes | None = None) -> None:
-        nonlocal screen
-        deadline = time.monotonic() + timeout_s
-        while until is None or not screen.rstrip(b" ").endswith(until):
-            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise AssertionError(f"no {until!r} on the terminal in {timeout_s} s; it shows: {screen[-1500:]!r}")
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the process ended and closed its side
-                chunk = b""
-            if not chunk:
-                if until is not None:
-                    raise AssertionError(f"the process ended before {until!r}; it showed: {screen[-3000:]!r}")
-                return
-            screen += chunk
-
-    try:
-        for answer in answers:
-            read(until=b"answer>")
-            os.write(master, answer)
-        read()
-        code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        os.close(master)
-    return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
 
 
 @pytest.mark.slow
