@@ -128,3 +128,19 @@ def at_a_terminal(command: list[str], answers: list[bytes], timeout_s: float = 3
             process.kill()
         os.close(master)
     return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
+
+
+# The tiny SFT policy and reward model the end-to-end tests start from: built once per test module that asks
+# (a module runs in one pytest-xdist worker), by the real command on the shipped tiny recipes.
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "sft"
+    rlhf("sft", str(TINY / "sft.yaml"), "-o", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "rm"
+    rlhf("train-rm", str(TINY / "rm.yaml"), "-o", str(out))
+    return out

@@ -129,13 +129,6 @@ def test_kto_kl_completions_rotate_within_each_batch():
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_sft(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "sft"
-    rlhf("sft", str(TINY / "sft.yaml"), "-o", str(out))
-    return out
-
-
 @pytest.mark.slow
 def test_dpo_learns_the_pairs_and_saves_a_plain_causal_lm(tiny_sft, tmp_path):
     import torch
