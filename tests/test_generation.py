@@ -171,6 +171,9 @@ def test_vllm_decoder_maps_sampling_one_to_one_and_unpads_prompts(tiny, monkeypa
     assert out.tolist() == [[7, 0], [7, 7]]  # right-padded with pad_id
     decoder.sync_weights()
     assert engine.synced == 1
+    decoder.close()  # eval: one engine per policy, freed before the next
+    assert decoder._vllm is None
+    decoder.sync_weights()  # nothing to push into
     greedy = Decoder(Backend("vllm", spec), batch_size=2)
     greedy.vllm_engine(model, None, tokenizer, sampling_options(max_new_tokens=4, temperature=0.0, top_p=0.5,
                                                                 pad_id=0, eos_id=2), max_model_length=32)  # fmt: skip

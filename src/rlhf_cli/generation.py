@@ -187,6 +187,18 @@ class Decoder:
             )  # fmt: skip
         return self._vllm
 
+    def close(self) -> None:
+        """Free the vLLM engine's GPU memory (eval makes one engine per policy, one after the other)."""
+        if self._vllm is not None:
+            import gc
+
+            import torch
+
+            self._vllm = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def sync_weights(self) -> None:
         """Push the policy's current weights into the vLLM engine (after a PPO update); a no-op otherwise."""
         if self._vllm is not None:

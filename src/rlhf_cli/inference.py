@@ -281,6 +281,7 @@ def sample(model, tokenizer, queries: list[list[int]], sampling: SamplingSpec, s
         out.texts.extend(tokenizer.batch_decode(out.tokens[-len(batch_queries):], skip_special_tokens=True))
         if task is not None:
             progress.advance(task, len(batch_queries))
+    decoder.close()
     return out
 
 
