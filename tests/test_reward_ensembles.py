@@ -278,3 +278,13 @@ def test_ppo_with_an_ensemble_under_zero3_in_two_cpu_processes(ensemble, tmp_pat
     for step in steps:  # the mean of per-response minima is at most each member's mean
         assert step["score"] <= min(step["score/member_0"], step["score/member_1"]) + 1e-6
         assert step["score/ensemble_std"] > 0
+
+
+def test_a_reward_says_what_it_is_in_plans():
+    from rlhf_cli.recipe import RewardSpec
+
+    assert RewardSpec(function="rules:starts_with_sure").describe() == "rules:starts_with_sure"
+    assert RewardSpec(model="runs/rm").describe() == "runs/rm"
+    assert RewardSpec(models=["a", "b"]).describe() == "2 reward models combined by mean: a, b"
+    assert RewardSpec(models=["a", "b", "c"], combine="mean_minus_std", std_coef=0.5).describe() == \
+        "3 reward models combined by mean_minus_std 0.5: a, b, c"

@@ -342,6 +342,15 @@ class RewardSpec(_Strict):
     def coef(self) -> float:
         return 1.0 if self.std_coef is None else self.std_coef
 
+    def describe(self) -> str:
+        """The reward in one phrase, for plans: the rule, the model, or the listed ensemble and how it combines."""
+        if self.function:
+            return self.function
+        if self.models:
+            how = self.combine_how + (f" {self.coef}" if self.combine_how == "mean_minus_std" else "")
+            return f"{len(self.models)} reward models combined by {how}: {', '.join(self.models)}"
+        return self.model
+
 
 class EnsembleSpec(_Strict):
     """train-rm only: K reward models in one command, saved as RUN/member-k/ with RUN/ensemble.json."""

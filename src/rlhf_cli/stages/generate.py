@@ -109,7 +109,7 @@ def _show_plan(recipe: Recipe, run_dir: Path) -> None:
         "completions per prompt": spec.num_samples,
         "sampling": sampling_line(spec),
         "decoding": planned_line(recipe.generation),
-        "reward": (spec.reward.model or spec.reward.function) if spec.reward else "none",
+        "reward": spec.reward.describe() if spec.reward else "none",
         "writes": f"{run_dir}/{{{RESOLVED_RECIPE}, {GENERATIONS_FILE}, summary.json}}",
     }
     show_plan("Generate — plan", plan)
