@@ -305,3 +305,15 @@ def test_kto_end_to_end_on_imbalanced_unpaired_rows(tmp_path):
     assert (args.desirable_weight, args.undesirable_weight) == (1.0, 3.0)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_dry_run_says_the_class_weights_the_run_will_set(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 4 == 0} for i in range(40)]  # 10 true, 30 false
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = CliRunner().invoke(app, ["kto", str(TINY / "kto.yaml"), "--dry-run", "-o", str(tmp_path / "out"),
+                                      "--set", f"data.train.path={data}", "--set", "data.eval_split=0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "10 desirable and 30 undesirable training rows, so desirable_weight = 3" in text
+    assert not (tmp_path / "out").exists()

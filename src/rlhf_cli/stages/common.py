@@ -283,6 +283,13 @@ def dry_run_data(stage: Stage, recipe: Recipe, plan: LaunchPlan) -> tuple[StageD
             lines.append(f"hold-out and step counts: not checked in this dry run: {exc}")
     if data is not None and data.note:
         lines.append(f"hold-out: {data.note}")
+    if data is not None and stage.data_defaults is not None:  # KTO's class weights, as the run will decide them
+        try:
+            _, decided = stage.data_defaults(recipe, data.train)
+        except UserError as exc:
+            decided = f"the run will stop: {exc}"
+        if decided:
+            lines.append(f"from the training rows (before data.on_too_long): {decided}")
     chosen = resolved_defaults(stage, recipe, plan, data)
     if chosen:
         shown = ", ".join(f"{key} {value}" for key, value in chosen.items())
