@@ -34,3 +34,17 @@ def test_recipe_defaults_table_is_not_cut(tmp_path):
     for key, _, meaning in describe_keys():
         row = next(line for line in lines if line.split("│")[1:2] and line.split("│")[1].strip() == key)
         assert " ".join(meaning.split()) in " ".join(row.split()), key  # the whole help text on the key's line
+
+
+def test_recipe_defaults_list_every_ppo_training_key():
+    from dataclasses import fields
+
+    from rlhf_cli.ppo.config import PPOConfig
+    from rlhf_cli.recipe import describe_keys
+
+    rows = {key: (default, meaning) for key, default, meaning in describe_keys()}
+    for field in fields(PPOConfig):
+        assert f"training.{field.name} (ppo)" in rows, field.name
+    assert rows["training.snapshot_steps (ppo)"][0] == "null"
+    assert rows["training.kl_coef (ppo)"] == ("0.05", "beta in r_t = -beta * KL_t + [t = last] * score.")
+    assert rows["training.gradient_checkpointing (ppo)"][0] == "false"

@@ -1280,4 +1280,14 @@ def describe_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[tup
             at = max(i for i, (key, _, _) in enumerate(rows) if key == anchor or key.startswith(f"{anchor}.")
                      or key.split(" (")[0] == anchor)  # fmt: skip
             rows.insert(at + 1, row)
+        # PPO's `training:` keys are this project's PPOConfig (not a TRL config): each with its default and meaning
+        from dataclasses import MISSING, fields
+
+        from rlhf_cli.ppo.config import PPOConfig
+
+        at = max(i for i, (key, _, _) in enumerate(rows) if key.split(" (")[0].startswith("training"))
+        ppo_rows = [(f"training.{f.name} (ppo)", "null" if f.default is None else str(f.default).lower()
+                     if isinstance(f.default, bool) else str(f.default), f.metadata.get("help", ""))
+                    for f in fields(PPOConfig) if f.default is not MISSING]  # fmt: skip
+        rows[at + 1:at + 1] = ppo_rows
     return rows
