@@ -128,7 +128,8 @@ def test_a_bad_stage_recipe_is_named(tmp_path):
 def test_interrupted_middle_stage_resumes_without_redoing_sft(tmp_path):
     out = tmp_path / "run"
     args = [*RLHF, "pipeline", str(TINY / "pipeline.yaml"), "-o", str(out), *SHORT,
-            "--set", "stages.rm.training.save_steps=4", "--set", "stages.rm.training.num_train_epochs=30"]
+            "--set", "stages.rm.training.save_steps=4", "--set", "stages.rm.training.num_train_epochs=30",
+            "--set", "stages.rm.training.max_steps=40"]  # long enough to interrupt after checkpoint-4, short to finish
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     deadline = time.time() + 300
