@@ -130,29 +130,17 @@ def at_a_terminal(command: list[str], answers: list[bytes], timeout_s: float = 3
     return code, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode("utf-8", "replace"))
 
 
-# The tiny SFT policy and reward model the end-to-end tests start from: built once per test module that asks
-# (a module runs in one pytest-xdist worker), by the real command on the shipped tiny recipes.
-@pytest.fixture(scope="module")
+# The tiny SFT policy and reward model the end-to-end tests start from (read-only): built once per pytest-xdist
+# worker that asks, by the real command on the shipped tiny recipes.
+@pytest.fixture(scope="session")
 def tiny_sft(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "sft"
     rlhf("sft", str(TINY / "sft.yaml"), "-o", str(out))
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_rm(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "rm"
     rlhf("train-rm", str(TINY / "rm.yaml"), "-o", str(out))
     return out
-
-
-# The longest test files first. pytest-xdist (`--dist loadfile`) hands out one file at a time in collection order;
-# alphabetically the longest ones (pipeline, ppo, stages) came last and left one worker idle at the end.
-LONGEST_FIRST = ("test_ppo_e2e.py", "test_pipeline.py", "test_stages_e2e.py", "test_dpo.py", "test_label_stage.py",
-                 "test_eval_e2e.py", "test_rendering.py", "test_faults.py", "test_cli_errors.py",
-                 "test_reward_ensembles.py", "test_benchmarks_dpo.py", "test_distributed_e2e.py")  # fmt: skip
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept

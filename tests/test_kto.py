@@ -312,7 +312,8 @@ def test_a_dry_run_says_the_class_weights_the_run_will_set(tmp_path):
     data = tmp_path / "kto.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     result = CliRunner().invoke(app, ["kto", str(TINY / "kto.yaml"), "--dry-run", "-o", str(tmp_path / "out"),
-                                      "--set", f"data.train.path={data}", "--set", "data.eval_split=0"])  # fmt: skip
+                                      "--set", f"data.train.path={data}", "--set", "data.eval_split=0",
+                                      "--set", "model.name_or_path=builtin:tiny-gpt2"])  # fmt: skip
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "10 desirable and 30 undesirable training rows, so desirable_weight = 3" in text

@@ -34,6 +34,8 @@ def test_ppo_raises_the_reward_model_score_with_bounded_kl(tiny_sft, tiny_rm, tm
         assert (out / name).is_file(), name
 
 
+@pytest.mark.slow
+@pytest.mark.extended  # PPO with a rule reward runs in the default suite too (test_lengths, test_overoptimisation)
 def test_ppo_with_a_rule_reward_known_exactly(tiny_sft, tmp_path):
     out = tmp_path / "rule"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
