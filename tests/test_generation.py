@@ -252,3 +252,18 @@ def test_a_pipelines_top_level_generation_reaches_only_the_stages_that_sample(tm
     assert documents["sft"]["generation"] is None and documents["rm"]["generation"] is None
     assert documents["ppo"]["generation"]["backend"] == "compiled" and documents["ppo"]["generation"]["prompt_bucket"] == 32
     assert documents["eval"]["generation"]["backend"] == "compiled" and documents["eval"]["generation"]["prompt_bucket"] == 8
+
+
+@pytest.mark.parametrize(("setting", "fragment"), [
+    ("{backend: fast}", "generation.backend"),
+    ("{prompt_bucket: 0}", "generation.prompt_bucket"),
+    ("{gpu_memory_utilization: 1.5}", "generation.gpu_memory_utilization"),
+    ("{sleep: 'yes'}", "generation.sleep"),
+    ("{backend: compiled, buckets: 8}", "generation.buckets"),
+])  # fmt: skip
+def test_bad_generation_settings_are_named(tmp_path, setting, fragment):
+    recipe = tmp_path / "gen.yaml"
+    recipe.write_text(f"stage: generate\nmodel: {{name_or_path: 'builtin:tiny-gpt2'}}\n"
+                      f"generate: {{prompts: {{path: {TINY / 'data' / 'prompts.jsonl'}}}}}\n")  # fmt: skip
+    assert_clean_failure(["generate", str(recipe), "--dry-run", "--set", f"generation={setting}"], fragment)
+
