@@ -574,6 +574,7 @@ class PPOTrainer:
         cfg, acc, state = self.config, self.accelerator, self.state
         if resume:
             acc.load_state(str(last_checkpoint(self.run_dir, warn=acc.is_main_process)))
+            self.decoder.sync_weights()  # vllm: the engine was made from the starting weights, not the checkpoint's
         interrupt = interrupt_callback()
         console = make_console()
         main = acc.is_main_process
